@@ -1,0 +1,179 @@
+"""The `mammoseg` command: parser, subcommands, logging set-up; parse -> config -> stage function.
+
+Each stage's flags come from two places: its path arguments (declared here, inputs named for what
+they are, outputs ending in `-out`) and its params.yaml block (every scalar or list becomes a flag of
+the same name, so the defaults are written once). Stage modules are imported only when their
+subcommand runs, so `mammoseg --help` and KFP compilation never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mammoseg import __version__
+from mammoseg.config import (
+    STAGE_CONFIGS,
+    field_types,
+    flag_type,
+    load_params,
+    overridable_fields,
+    stage_config,
+)
+from mammoseg.errors import UserError
+
+log = logging.getLogger("mammoseg")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathArg:
+    """A path-like argument of a stage: its flag, help text and argparse options."""
+
+    flag: str
+    help: str
+    nargs: str | None = None
+    required: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A subcommand: the module whose `run(config, **paths)` it calls, and its path arguments."""
+
+    module: str
+    help: str
+    paths: tuple[PathArg, ...]
+
+
+STAGES: dict[str, StageSpec] = {
+    "synth": StageSpec(
+        "mammoseg.synth",
+        "write a generated dataset in the INbreast Release 1.0 layout",
+        (PathArg("--out", "folder to write the dataset into (AllDICOMs/, AllXML/, INbreast.csv)"),),
+    ),
+    "ingest": StageSpec(
+        "mammoseg.stages.ingest",
+        "read an INbreast folder into a manifest (Parquet) and full-resolution lesion masks",
+        (
+            PathArg("--inbreast", "INbreast folder (AllDICOMs/, AllXML/, INbreast.csv or .xls)"),
+            PathArg("--manifest-out", "manifest to write (Parquet, one row per image)"),
+            PathArg("--masks-out", "folder for the <image_id>_mass.png / _calcification.png masks"),
+        ),
+    ),
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, stage: str, defaults: dict[str, Any]) -> None:
+    """Add one flag per overridable field of the stage's config, defaulting to params.yaml's value."""
+    config_type = STAGE_CONFIGS[stage]
+    hints = field_types(config_type)
+    group = parser.add_argument_group(f"parameters (defaults from params.yaml '{stage}:')")
+    for field in overridable_fields(config_type):
+        element, is_list = flag_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        default = defaults.get(field.name)
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": f"default: {default!r}"}
+        if element is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=element, metavar=field.name.upper())
+            if is_list:
+                kwargs["nargs"] = "+"
+        group.add_argument(flag, **kwargs)
+
+
+def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """Build the full `mammoseg` parser.
+
+    Args:
+        params: params.yaml contents, used only to show defaults in --help; None shows none.
+    """
+    params = params or {}
+    parser = argparse.ArgumentParser(
+        prog="mammoseg",
+        description="Full-resolution mammography segmentation pipeline (INbreast, lightweight U-Net).",
+    )
+    parser.add_argument("--version", action="version", version=f"mammoseg {__version__}")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="params.yaml to read defaults from (default: $MAMMOSEG_PARAMS or ./params.yaml)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, spec in STAGES.items():
+        sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
+        for path in spec.paths:
+            sub.add_argument(path.flag, type=Path, nargs=path.nargs, required=path.required, help=path.help)
+        if name in STAGE_CONFIGS:
+            _add_config_flags(sub, name, params.get(name) or {})
+    return parser
+
+
+def _params_for_help(argv: Sequence[str]) -> tuple[dict[str, Any], Path | None]:
+    """Read params.yaml early (before parsing) so flag help can show defaults; tolerate its absence."""
+    path = None
+    if "--params" in argv:
+        index = list(argv).index("--params")
+        if index + 1 < len(argv):
+            path = Path(argv[index + 1])
+    try:
+        return load_params(path), path
+    except UserError:
+        if path is not None:
+            raise
+        return {}, None
+
+
+def _setup_logging(level: str) -> None:
+    """Log to stderr with rich formatting when attached to a terminal, plain lines otherwise."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+
+
+def run_stage(name: str, args: argparse.Namespace, params: dict[str, Any], params_path: Path | None) -> int:
+    """Build the stage config from params + flags and call the stage's run(config, **paths)."""
+    spec = STAGES[name]
+    config = None
+    if name in STAGE_CONFIGS:
+        overrides = {f.name: getattr(args, f.name) for f in overridable_fields(STAGE_CONFIGS[name])}
+        config = stage_config(name, params, overrides, params_path)
+    paths = {p.flag.lstrip("-").replace("-", "_"): getattr(args, p.flag.lstrip("-").replace("-", "_"))
+             for p in spec.paths}
+    module = importlib.import_module(spec.module)
+    result = module.run(config, **paths)
+    exit_code = getattr(result, "exit_code", 0)
+    return int(exit_code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mammoseg` console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        params, params_path = _params_for_help(argv)
+        args = build_parser(params).parse_args(argv)
+        _setup_logging(args.log_level)
+        if args.params is not None:
+            params_path = args.params
+        return run_stage(args.command, args, params, params_path)
+    except UserError as exc:
+        # User errors are one line, no traceback: the message names the file and the problem.
+        print(f"mammoseg: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        print("mammoseg: interrupted", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
