@@ -1,0 +1,116 @@
+"""Shared test fixtures: hand-written INbreast-format folders (independent of the generator)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+MAMMO_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"
+CSV_HEADER = "Patient ID;Patient age;Laterality;View;Acquisition date;File Name;ACR;Bi-Rads"
+PLIST_HEADER = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n'
+    '<plist version="1.0">\n'
+)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **attributes) -> Path:
+    """Write a minimal uncompressed MG DICOM like INbreast's (no patient data, no PixelSpacing)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MAMMO_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MAMMO_SOP_CLASS
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    ds.PatientName = ""
+    ds.PatientID = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def roi_xml(rois: Sequence[tuple[str, int, Sequence[tuple[float, float]]]]) -> str:
+    """Render an OsiriX plist by hand, tab-indented with the 13 ROI keys in INbreast's order."""
+    lines = [PLIST_HEADER.rstrip("\n"), "<dict>", "\t<key>Images</key>", "\t<array>", "\t\t<dict>",
+             "\t\t\t<key>ImageIndex</key>", "\t\t\t<integer>0</integer>",
+             "\t\t\t<key>NumberOfROIs</key>", f"\t\t\t<integer>{len(rois)}</integer>",
+             "\t\t\t<key>ROIs</key>", "\t\t\t<array>"]
+    t = "\t" * 4
+    for index, (name, roi_type, points) in enumerate(rois):
+        lines += [f"{t}<dict>",
+                  f"{t}\t<key>Area</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>Center</key>", f"{t}\t<string>(0.000000, 0.000000, 0.000000)</string>",
+                  f"{t}\t<key>Dev</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>IndexInImage</key>", f"{t}\t<integer>{index}</integer>",
+                  f"{t}\t<key>Max</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>Mean</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>Min</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>Name</key>", f"{t}\t<string>{name}</string>",
+                  f"{t}\t<key>NumberOfPoints</key>", f"{t}\t<integer>{len(points)}</integer>",
+                  f"{t}\t<key>Point_mm</key>", f"{t}\t<array>"]
+        lines += [f"{t}\t\t<string>(0.000000, 0.000000, 0.000000)</string>" for _ in points]
+        lines += [f"{t}\t</array>", f"{t}\t<key>Point_px</key>", f"{t}\t<array>"]
+        lines += [f"{t}\t\t<string>({x:f}, {y:f})</string>" for x, y in points]
+        lines += [f"{t}\t</array>", f"{t}\t<key>Total</key>", f"{t}\t<real>0.0</real>",
+                  f"{t}\t<key>Type</key>", f"{t}\t<integer>{roi_type}</integer>", f"{t}</dict>"]
+    lines += ["\t\t\t</array>", "\t\t</dict>", "\t</array>", "</dict>", "</plist>"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_bytes(rows: Sequence[str]) -> bytes:
+    """Render INbreast.csv: ASCII, `;`, CRLF line ends, final CRLF."""
+    return ("\r\n".join([CSV_HEADER, *rows]) + "\r\n").encode("ascii")
+
+
+class InbreastFolder:
+    """Builds a small INbreast Release 1.0 folder image by image."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.rows: list[str] = []
+        (root / "AllDICOMs").mkdir(parents=True)
+        (root / "AllXML").mkdir()
+
+    def add(self, image_id: str, patient: str, side: str, view: str, *, birads: str = "2", acr: str = "2",
+            date: str = "201001", shape: tuple[int, int] = (64, 48), rois=None, file_view: str | None = None,
+            csv_row: bool = True, dicom: bool = True) -> Path:
+        """Add one image (DICOM, CSV row, XML when rois is given); return the DICOM path."""
+        file_view = file_view or {"MLO": "ML"}.get(view, view)
+        path = self.root / "AllDICOMs" / f"{image_id}_{patient}_MG_{side}_{file_view}_ANON.dcm"
+        if dicom:
+            pixels = np.full(shape, 100, np.uint16)
+            pixels[:, : shape[1] // 2] = 1500
+            write_dicom(path, pixels)
+        if rois is not None:
+            (self.root / "AllXML" / f"{image_id}.xml").write_text(roi_xml(rois))
+        if csv_row:
+            self.rows.append(f"removed;removed;{side};{view};{date};{image_id};{acr};{birads}")
+        return path
+
+    def write_csv(self) -> Path:
+        """Write INbreast.csv for the rows added so far."""
+        path = self.root / "INbreast.csv"
+        path.write_bytes(csv_bytes(self.rows))
+        return path
+
+
+@pytest.fixture
+def inbreast_folder(tmp_path: Path) -> InbreastFolder:
+    """An empty hand-built INbreast folder under tmp_path/inbreast."""
+    return InbreastFolder(tmp_path / "inbreast")

@@ -1,0 +1,131 @@
+"""Ingest on hand-built INbreast folders: manifest contents, masks, rejections, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from mammoseg.config import stage_config
+from mammoseg.errors import UserError
+from mammoseg.stages.ingest import MANIFEST_COLUMNS, mask_path, rejected_list_path, run
+
+REPO = Path(__file__).resolve().parents[2]
+PATIENT_A = "6c613a14b80a8591"
+PATIENT_B = "069212ec65a94339"
+
+
+@pytest.fixture
+def config():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return stage_config("ingest", params, {"workers": 1})
+
+
+def _two_patient_folder(folder):
+    square = [(10.0, 10.0), (19.0, 10.0), (19.0, 19.0), (10.0, 19.0)]
+    folder.add("20586908", PATIENT_A, "R", "CC", birads="5",
+               rois=[("Mass", 15, square), ("Calcification", 19, [(30.2, 40.7)]),
+                     ("Cluster", 9, [(25, 35), (35, 35), (35, 45)])])
+    folder.add("20586960", PATIENT_A, "R", "MLO", birads="1")  # normal: no XML
+    folder.add("22678646", PATIENT_B, "L", "CC", birads="4a", acr=" " * 193,
+               rois=[("Spiculated Region", 9, [(40.0, 50.0), (60.0, 50.0), (60.0, 60.0), (40.0, 60.0)]),
+                     ("Nodule?", 15, [(1, 1), (2, 2), (3, 1)])])
+    folder.write_csv()
+    return folder
+
+
+def test_manifest_and_masks(inbreast_folder, tmp_path, config, caplog):
+    folder = _two_patient_folder(inbreast_folder)
+    result = run(config, folder.root, tmp_path / "out" / "manifest.parquet", tmp_path / "out" / "masks")
+    manifest = pd.read_parquet(result.manifest)
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert manifest["image_id"].tolist() == ["20586908", "20586960", "22678646"]
+    first, normal, spiculated = manifest.itertuples()
+    assert (first.patient_id, first.laterality, first.view, first.birads) == (PATIENT_A, "R", "CC", "5")
+    assert (first.n_mass, first.n_calcification, first.n_other) == (1, 1, 1)
+    assert first.mass_px == 100 and first.calc_px == 37  # 10x10 square; radius-3 disc (centres within 3.5 px)
+    assert normal.view == "MLO" and normal.n_mass + normal.n_calcification + normal.mass_px == 0
+    assert pd.isna(spiculated.acr) and spiculated.n_mass == 1 and spiculated.n_other == 1
+    assert spiculated.n_points_out_of_bounds == 2 and spiculated.mass_px == 11 * 8  # clipped at x = 47
+    assert (first.rows, first.columns) == (64, 48)
+    assert len(first.dicom_sha256) == 64 and Path(first.dicom_path).is_file()
+    mass = np.array(Image.open(mask_path(result.masks_dir, "20586908", "mass")))
+    assert mass.dtype == bool and mass.shape == (64, 48) and mass[10:20, 10:20].all() and mass.sum() == 100
+    calc = np.array(Image.open(mask_path(result.masks_dir, "20586908", "calcification")))
+    assert calc[41, 30] and calc.sum() == 37
+    assert "'Nodule?' is not in params.yaml" in caplog.text
+    assert result.rejected == 0 and pd.read_csv(result.rejected_list).empty
+
+
+def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, config):
+    folder = _two_patient_folder(inbreast_folder)
+    folder.add("30000001", PATIENT_B, "L", "MLO", csv_row=False)              # DICOM without a row
+    folder.add("30000002", PATIENT_B, "R", "CC", dicom=False)                 # row without a DICOM
+    folder.add("30000003", PATIENT_B, "R", "MLO", rois=[])                     # XML replaced below
+    (folder.root / "AllXML" / "30000003.xml").write_text("<plist><dict>")
+    folder.add("30000004", PATIENT_B, "L", "CC", file_view="ML")               # name disagrees
+    bad = folder.add("30000005", PATIENT_B, "L", "CC")
+    bad.write_bytes(b"not a dicom")                                            # unreadable DICOM
+    (folder.root / "AllDICOMs" / "readme_MG.dcm").write_bytes(b"")             # bad file name
+    folder.write_csv()
+    result = run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
+    assert result.images == 3
+    rejected = pd.read_csv(rejected_list_path(tmp_path / "manifest.parquet"), dtype=str).fillna("")
+    reasons = dict(zip(rejected["image_id"], rejected["reason"], strict=True))
+    assert "no row for image id 30000001" in reasons["30000001"]
+    assert "has no DICOM file" in reasons["30000002"]
+    assert "30000003.xml: not a readable plist" in reasons["30000003"]
+    assert "file name says L MLO, the table says L CC" in reasons["30000004"]
+    assert "unreadable DICOM" in reasons["30000005"]
+    assert "file name is not" in reasons[""]
+    assert not mask_path(tmp_path / "masks", "30000003", "mass").exists()
+
+
+def test_failure_keeps_previous_outputs(inbreast_folder, tmp_path, config):
+    folder = _two_patient_folder(inbreast_folder)
+    manifest, masks = tmp_path / "manifest.parquet", tmp_path / "masks"
+    run(config, folder.root, manifest, masks)
+    before = manifest.read_bytes()
+    (folder.root / "INbreast.csv").write_bytes(b"garbage\r\n")
+    with pytest.raises(UserError, match="INbreast.csv: header"):
+        run(config, folder.root, manifest, masks)
+    assert manifest.read_bytes() == before
+    assert mask_path(masks, "20586908", "mass").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_parallel_workers_give_the_same_manifest(inbreast_folder, tmp_path, config):
+    folder = _two_patient_folder(inbreast_folder)
+    one = run(config, folder.root, tmp_path / "a.parquet", tmp_path / "a")
+    two = run(stage_config("ingest", {"ingest": {**config.__dict__, "workers": 2}}), folder.root,
+              tmp_path / "b.parquet", tmp_path / "b")
+    pd.testing.assert_frame_equal(pd.read_parquet(one.manifest), pd.read_parquet(two.manifest))
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammoseg.cli", "ingest", "--inbreast", str(tmp_path / "empty"),
+         "--manifest-out", str(tmp_path / "m.parquet"), "--masks-out", str(tmp_path / "masks")],
+        capture_output=True, text=True, cwd=REPO, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mammoseg: error: {tmp_path / 'empty'}: no AllDICOMs/ folder "
+        "(is this an INbreast Release 1.0 folder?)"]
+
+
+def test_cli_runs_ingest(inbreast_folder, tmp_path):
+    folder = _two_patient_folder(inbreast_folder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammoseg.cli", "ingest", "--inbreast", str(folder.root),
+         "--manifest-out", str(tmp_path / "m.parquet"), "--masks-out", str(tmp_path / "masks"),
+         "--point-radius-px", "0", "--workers", "1"],
+        capture_output=True, text=True, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_parquet(tmp_path / "m.parquet")["calc_px"].tolist() == [1, 0, 0]
