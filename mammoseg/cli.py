@@ -39,6 +39,7 @@ class PathArg:
     help: str
     nargs: str | None = None
     required: bool = True
+    path: bool = True  # False: a plain string (a name, a URI)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class StageSpec:
     help: str
     paths: tuple[PathArg, ...]
 
+
+# The stages that every orchestrator runs, in order (dvc.yaml, MLproject, KFP components).
+PIPELINE_STAGES = ("ingest", "validate", "preprocess", "train", "evaluate", "export", "register")
 
 STAGES: dict[str, StageSpec] = {
     "synth": StageSpec(
@@ -65,6 +69,69 @@ STAGES: dict[str, StageSpec] = {
             PathArg("--masks-out", "folder for the <image_id>_mass.png / _calcification.png masks"),
         ),
     ),
+    "validate": StageSpec(
+        "mammoseg.stages.validate",
+        "check the manifest and its DICOMs against the Great Expectations data contract",
+        (
+            PathArg("--manifest", "manifest written by ingest (Parquet)"),
+            PathArg("--report-out", "folder for the Data Docs HTML and summary.json"),
+        ),
+    ),
+    "preprocess": StageSpec(
+        "mammoseg.stages.preprocess",
+        "decode, orient, crop and resize every image and its masks; assign patient-level splits",
+        (
+            PathArg("--manifest", "manifest written by ingest (Parquet)"),
+            PathArg("--masks", "full-resolution masks written by ingest"),
+            PathArg("--dataset-out", "folder for the training dataset and its index.parquet"),
+        ),
+    ),
+    "train": StageSpec(
+        "mammoseg.stages.train",
+        "train LightUNet on the preprocessed dataset, tracked in one MLflow run",
+        (
+            PathArg("--dataset", "preprocessed dataset (index.parquet, dataset.json)"),
+            PathArg("--model-out", "folder for model.pt, checkpoint.pt, history.csv and the MLflow run id"),
+            PathArg("--metrics-out", "JSON summary of the training (best epoch, validation Dice, threshold)"),
+            PathArg("--validation-report", "validate's report folder, attached to the run", required=False),
+        ),
+    ),
+    "evaluate": StageSpec(
+        "mammoseg.stages.evaluate",
+        "Dice, lesion detection and a threshold baseline on the test split, logged to the training run",
+        (
+            PathArg("--dataset", "preprocessed dataset (index.parquet, dataset.json)"),
+            PathArg("--model", "trained model folder (model.pt and the MLflow run id)"),
+            PathArg("--metrics-out", "JSON with the test metrics and their 95% intervals"),
+            PathArg("--report-out", "folder for the per-image CSV, overlays and summary.md"),
+        ),
+    ),
+    "export": StageSpec(
+        "mammoseg.stages.export",
+        "export the model to ONNX with its I/O contract; parity gate against PyTorch on the test split",
+        (
+            PathArg("--model", "trained model folder (model.pt and the MLflow run id)"),
+            PathArg("--dataset", "preprocessed dataset (test split for parity, val for calibration)"),
+            PathArg("--onnx-out", "the fp32 .onnx to write; variants and <stem>.export.json go beside it"),
+        ),
+    ),
+    "register": StageSpec(
+        "mammoseg.stages.register",
+        "register the ONNX model in the MLflow Model Registry (@challenger; @champion by a gate)",
+        (
+            PathArg("--onnx", "the .onnx written by export"),
+            PathArg("--decision-out", "JSON with the version and the promotion decision", required=False),
+        ),
+    ),
+    "predict": StageSpec(
+        "mammoseg.stages.predict",
+        "segment DICOM mammograms with a registered (or local) ONNX model",
+        (
+            PathArg("--model", "models:/NAME@ALIAS, models:/NAME/VERSION, or a local .onnx", path=False),
+            PathArg("--input", "DICOM files to segment", nargs="+"),
+            PathArg("--out", "folder for masks (PNG), overlays and DICOM SEG objects"),
+        ),
+    ),
 }
 
 
@@ -76,6 +143,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str, defaults: dic
     for field in overridable_fields(config_type):
         element, is_list = flag_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
+        # `mlflow run -P batch_size=2` appends `--batch_size 2`: accept the underscore spelling too.
+        aliases = [flag] if "_" not in field.name else [flag, "--" + field.name]
         default = defaults.get(field.name)
         kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": f"default: {default!r}"}
         if element is bool:
@@ -84,7 +153,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str, defaults: dic
             kwargs.update(type=element, metavar=field.name.upper())
             if is_list:
                 kwargs["nargs"] = "+"
-        group.add_argument(flag, **kwargs)
+        group.add_argument(*aliases, **kwargs)
 
 
 def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -103,10 +172,15 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
                         help="params.yaml to read defaults from (default: $MAMMOSEG_PARAMS or ./params.yaml)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    summary = subparsers.add_parser("model-summary", help="the paper's network variants: parameters, GFLOPs, memory",
+                                    description="The paper's four network variants with our parameter counts "
+                                    "next to the paper's, forward GFLOPs and saved activations at 1536x1536.")
+    summary.add_argument("--json", action="store_true", dest="as_json", help="print JSON instead of a table")
     for name, spec in STAGES.items():
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         for path in spec.paths:
-            sub.add_argument(path.flag, type=Path, nargs=path.nargs, required=path.required, help=path.help)
+            sub.add_argument(path.flag, type=Path if path.path else str, nargs=path.nargs,
+                             required=path.required, help=path.help)
         if name in STAGE_CONFIGS:
             _add_config_flags(sub, name, params.get(name) or {})
     return parser
@@ -139,6 +213,9 @@ def _setup_logging(level: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    # Libraries that narrate every step at INFO: keep their warnings, drop the chatter.
+    for name in ("highdicom", "onnx_ir", "onnxscript", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def run_stage(name: str, args: argparse.Namespace, params: dict[str, Any], params_path: Path | None) -> int:
@@ -165,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.log_level)
         if args.params is not None:
             params_path = args.params
+        if args.command == "model-summary":
+            from mammoseg import model_summary
+
+            model_summary.run(None, as_json=args.as_json)
+            return 0
         return run_stage(args.command, args, params, params_path)
     except UserError as exc:
         # User errors are one line, no traceback: the message names the file and the problem.

@@ -38,9 +38,137 @@ class IngestConfig:
     lesion_classes: dict[str, list[str]]
 
 
+# --- validate: ValidateConfig goes here ---
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """Data-contract thresholds for the manifest and its DICOMs (`mammoseg validate`)."""
+
+    workers: int
+    allowed_sizes: list[str]
+    min_images: int
+    min_patients: int
+    max_out_of_bounds_share: float
+    max_mask_fraction: float
+    privacy_tags: list[str]
+    warnings: list[str]
+
+
+# --- preprocess: PreprocessConfig goes here ---
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Training dataset at the network's resolution, patient-level splits (`mammoseg preprocess`)."""
+
+    size: int
+    split_fractions: list[float]
+    seed: int
+    workers: int
+    percentiles: list[float]
+    crop_margin_px: int
+    otsu_side: int
+    zero_background: bool
+    apply_voi: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """LightUNet training (`mammoseg train`): architecture, optimisation, augmentation, hardware."""
+
+    experiment: str
+    depth: int
+    filters: int
+    max_filters: int
+    conv: str
+    residual: bool
+    epochs: int
+    batch_size: int
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    dice_weight: float
+    bce_weight: float
+    early_stopping_patience: int
+    aug_vflip_prob: float
+    aug_rotate_deg: float
+    aug_scale: float
+    aug_gamma: float
+    aug_contrast: float
+    device: str
+    amp: bool
+    channels_last: bool
+    checkpointing: bool
+    num_workers: int
+    seed: int
+    deterministic: bool
+    threshold_grid: list[float]
+    overlay_every: int
+    overlay_images: int
+    log_system_metrics: bool
+    resume: bool
+    pipeline_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-split evaluation (`mammoseg evaluate`): bootstrap, lesion detection, baseline, overlays."""
+
+    batch_size: int
+    bootstrap_resamples: int
+    bootstrap_seed: int
+    cluster_radius_mm: float
+    pixel_spacing_mm: float
+    worst_k: int
+    baseline_grid: list[float]
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export (`mammoseg export`): parity tolerances, deployment variants, latency."""
+
+    parity_logit_atol: float
+    parity_dice_tolerance: float
+    variant_dice_tolerance: float
+    parity_images: int
+    int8: bool
+    fp16: bool
+    calibration_images: int
+    threads: int
+    latency_repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterConfig:
+    """Model Registry (`mammoseg register`): model name and promotion gate."""
+
+    name: str
+    promotion_margin: float
+    metric: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Deployment inference (`mammoseg predict`)."""
+
+    threads: int
+    overlay_max_side: int
+
+
 STAGE_CONFIGS: dict[str, type] = {
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "export": ExportConfig,
+    "register": RegisterConfig,
+    "predict": PredictConfig,
     "synth": SynthConfig,
     "ingest": IngestConfig,
+    # --- register further stage configs below, one line each ---
+    "preprocess": PreprocessConfig,
+    "validate": ValidateConfig,
 }
 
 

@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline wiring the components: compile, run locally, submit to a KFP host."""

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,3 +124,100 @@ class InbreastFolder:
 def inbreast_folder(tmp_path: Path) -> InbreastFolder:
     """An empty hand-built INbreast folder under tmp_path/inbreast."""
     return InbreastFolder(tmp_path / "inbreast")
+
+
+# --- real servers: moto_server (S3) and mlflow server, started once per test session -------------------
+
+def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited early: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answers (e.g. 401 with basic-auth): it is up
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    env: dict[str, str]
+
+
+def _start(cmd: list[str], health: str, env: dict[str, str], log_path: Path, timeout: float) -> subprocess.Popen:
+    handle = log_path.open("w")
+    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                               start_new_session=True)
+    _wait_http(health, process, log_path, timeout)
+    return process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Server:
+    """A real S3 endpoint: moto_server on a free 127.0.0.1 port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    process = _start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                     url, S3_CREDENTIALS, log_path, 30)
+    yield Server(url, process, {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": url})
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory) -> Server:
+    """A real `mlflow server`: SQLite backend, proxied artifacts in an S3 bucket on moto_server.
+
+    Clients get only MLFLOW_TRACKING_URI (no S3 credentials): artifacts go through the server.
+    """
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server.url, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
+                                                        if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket="mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_server.url}
+    process = _start([str(Path(sys.executable).parent / "mlflow"), "server",
+                      "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                      "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts",
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                     f"{url}/health", env, root / "server.log", 90)
+    yield Server(url, process, {"MLFLOW_TRACKING_URI": url})
+    _stop(process)
+
+
+@pytest.fixture
+def tracking_env(mlflow_server, monkeypatch) -> Server:
+    """Point this test's MLflow client (and child processes) at the session's real tracking server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    for key in S3_CREDENTIALS:
+        monkeypatch.delenv(key, raising=False)
+    return mlflow_server

@@ -1,0 +1,184 @@
+"""Predict (deployment): DICOM mammograms in, lesion masks out at each DICOM's own resolution.
+
+The model comes from the registry (`models:/NAME@champion`, `models:/NAME/VERSION`) or a local
+.onnx file; its metadata carries the preprocessing contract and the threshold, so nothing else is
+configured. For each input: `<stem>_mask.png` (mass = 1, calcification = 2 on the original grid and
+orientation; 0 elsewhere), `<stem>_overlay.png` and `<stem>_seg.dcm`, a DICOM SEG that references the
+source image so PACS viewers can display it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from tqdm import tqdm
+
+from mammoseg import __version__, tracking
+from mammoseg.config import PredictConfig
+from mammoseg.dicom import read_image
+from mammoseg.errors import UserError
+from mammoseg.fileio import write_atomically
+from mammoseg.inbreast import parse_dicom_name
+from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.overlays import overlay_rgb, save_png
+from mammoseg.preprocessing import PreprocessParams, preprocess, to_original_grid
+
+log = logging.getLogger(__name__)
+
+MASK_VALUES = {"mass": 1, "calcification": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictResult:
+    """What predict wrote."""
+
+    images: int
+    provider: str
+    out_dir: Path
+
+
+def resolve_model(model: str, work_dir: Path) -> Path:
+    """Return a local .onnx path for a model reference, downloading registry models into work_dir.
+
+    Raises:
+        UserError: the reference is neither an existing .onnx file nor a models:/ URI, or the
+            registered model holds no .onnx file.
+    """
+    if model.startswith("models:/"):
+        local = tracking.download_model_artifacts(model, work_dir)
+        candidates = sorted(local.rglob("*.onnx"))
+        if not candidates:
+            raise UserError(f"{model}: the registered model holds no .onnx file")
+        return candidates[0]
+    path = Path(model)
+    if path.suffix != ".onnx" or not path.is_file():
+        raise UserError(f"{model}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI, nor an existing .onnx file")
+    return path
+
+
+def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray) -> tuple[str, str]:
+    """Return the breast's laterality and where it came from.
+
+    The flip rule of the contract: right breasts are flipped. Laterality comes from the DICOM header
+    (ImageLaterality/Laterality), else from an INbreast file name, else from the image itself (the
+    chest wall is the brighter, breast-covered side: INbreast images are not mirrored).
+    """
+    if header_laterality in ("L", "R"):
+        return header_laterality, "header"
+    try:
+        return parse_dicom_name(path).laterality, "file name"
+    except UserError:
+        pass
+    width = max(pixels.shape[1] // 10, 1)
+    left, right = float(pixels[:, :width].mean()), float(pixels[:, -width:].mean())
+    return ("L" if left >= right else "R"), "image"
+
+
+def _check_mammogram(path: Path) -> pydicom.Dataset:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # pydicom raises several types for a file that is not DICOM
+        raise UserError(f"{path}: not a DICOM file") from None
+    modality = str(getattr(header, "Modality", ""))
+    if modality != "MG":
+        raise UserError(f"{path}: Modality is {modality or 'missing'}, not MG (mammography)")
+    return header
+
+
+def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> PredictResult:  # noqa: A002
+    """Segment each input DICOM and write its mask, overlay and DICOM SEG.
+
+    Args:
+        config: threads and overlay size.
+        model: models:/NAME@ALIAS, models:/NAME/VERSION or a local .onnx file.
+        input: DICOM files.
+        out: output folder.
+
+    Returns:
+        The number of images, the execution provider used and the output folder.
+    """
+    for path in input:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        _check_mammogram(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as download_dir:
+        onnx_path = resolve_model(model, Path(download_dir))
+        spec = read_io_spec(onnx_path)
+        session = open_session(onnx_path, threads=config.threads)
+        log.info("model %s (run %s) on %s%s", model, spec.get("training_run_id"), session.provider,
+                 " (fell back from CUDA)" if session.fell_back else "")
+        params = PreprocessParams.from_dict(spec["preprocessing"])
+        threshold = float(spec["threshold"])
+        for path in tqdm(input, desc="predict", unit="image", disable=None):
+            _predict_one(path, session, params, threshold, config, out, spec)
+    return PredictResult(len(input), session.provider, out)
+
+
+def _predict_one(path: Path, session, params: PreprocessParams, threshold: float, config: PredictConfig,
+                 out: Path, spec: dict[str, Any]) -> None:
+    header = _check_mammogram(path)
+    image = read_image(path, apply_voi=params.apply_voi)
+    side, source = laterality(path, image.laterality, image.pixels)
+    prepared = preprocess(image.pixels, side == "R", params)
+    logits = session.run(prepared.image[None, None])[0]
+    predicted = sigmoid(logits) >= threshold  # (2, size, size)
+    original = to_original_grid(predicted, prepared.transform)  # (2, rows, columns)
+    label = np.zeros(original.shape[1:], np.uint8)
+    label[original[0]] = MASK_VALUES["mass"]
+    label[original[1]] = MASK_VALUES["calcification"]  # calcification wins where both are set
+    stem = path.stem
+    save_png(label, out / f"{stem}_mask.png")
+    display = (image.pixels - image.pixels.min()) / max(float(np.ptp(image.pixels)), 1.0)
+    save_png(overlay_rgb(display.astype(np.float32), pred=original, max_side=config.overlay_max_side),
+             out / f"{stem}_overlay.png")
+    _write_seg(header, path, original, out / f"{stem}_seg.dcm", spec)
+    summary = {"input": str(path), "laterality": side, "laterality_source": source,
+               "mass_px": int(original[0].sum()), "calcification_px": int(original[1].sum()),
+               "threshold": threshold, "provider": session.provider,
+               "training_run_id": spec.get("training_run_id")}
+    write_atomically(out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    log.info("%s: %s breast (%s), %d mass px, %d calcification px", path.name, side, source,
+             summary["mass_px"], summary["calcification_px"])
+
+
+def _write_seg(header: pydicom.Dataset, path: Path, masks: np.ndarray, out_path: Path, spec: dict[str, Any]) -> None:
+    """Write a binary DICOM SEG (one segment per lesion class) referencing the source image."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    source = pydicom.dcmread(path)
+    algorithm = hd.AlgorithmIdentificationSequence(name="mammoseg LightUNet", version=__version__,
+                                                  family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(segment_number=number, segment_label=name,
+                                  segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                                  segmented_property_type=prop,
+                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                  algorithm_identification=algorithm)
+        for number, (name, prop) in enumerate(
+            (("mass", codes.SCT.Mass), ("calcification", codes.SCT.CalcificationOfBreast)), start=1)
+    ]
+    uid_seed = [str(source.SOPInstanceUID), str(spec.get("training_run_id"))]
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=np.moveaxis(masks, 0, -1)[None].astype(np.uint8),  # (frames=1, rows, columns, segments)
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*uid_seed, "series"]),
+        series_number=900,
+        sop_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*uid_seed, "instance"]),
+        instance_number=1,
+        manufacturer="mammoseg",
+        manufacturer_model_name="LightUNet",
+        software_versions=__version__,
+        device_serial_number=str(spec.get("training_run_id") or "unknown"),
+    )
+    write_atomically(out_path, lambda tmp: seg.save_as(tmp))

@@ -1,0 +1,481 @@
+"""Train: the preprocessed dataset in, the best LightUNet (model.pt), its threshold and curves out.
+
+Whole images at the preprocessed size (the paper never trains on patches). One MLflow run per
+training; every epoch ends with an atomic checkpoint (model, optimizer, scheduler, scaler, RNG
+states), so a killed run re-started with the same config continues where it stopped and, on CPU,
+reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mammoseg import tracking
+from mammoseg.config import TrainConfig
+from mammoseg.errors import UserError
+from mammoseg.fileio import sha256_of, write_atomically
+from mammoseg.inference import MODEL_FILE, autocast, predict_probabilities, save_model, select_device
+from mammoseg.metrics import choose_threshold, dice_counts, pooled_dice
+from mammoseg.overlays import figure_grid, figure_panel, save_png
+from mammoseg.preprocessing import load_example
+from model import LightUNet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+CLASSES = ("mass", "calcification")
+INDEX_FILE = "index.parquet"
+DATASET_CONTRACT_FILE = "dataset.json"
+# Fields that do not change what is trained: a checkpoint stays valid when only these differ.
+_NOT_HASHED = {"num_workers", "resume", "log_system_metrics", "pipeline_run_id", "overlay_every",
+               "overlay_images", "experiment", "device"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What training produced."""
+
+    run_id: str
+    best_epoch: int
+    best_val_dice: float
+    threshold: float
+    model_path: Path
+    metrics_path: Path
+
+
+class ExampleDataset(Dataset):
+    """The images and masks of one split, loaded from the preprocessed dataset.
+
+    Items: (image (1, H, W) float32 in [0, 1], mask (2, H, W) float32 in {0, 1}: mass, calcification).
+    """
+
+    def __init__(self, dataset_dir: Path, rows: pd.DataFrame) -> None:
+        self.dataset_dir = dataset_dir
+        self.rows = rows.reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = load_example(self.dataset_dir, self.rows.iloc[index])
+        return torch.from_numpy(np.asarray(image, np.float32)), torch.from_numpy(np.asarray(mask, np.float32))
+
+
+def read_dataset(dataset_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read the preprocessed dataset's index and preprocessing contract.
+
+    Raises:
+        UserError: the folder is not a preprocessed dataset.
+    """
+    index_path, contract_path = dataset_dir / INDEX_FILE, dataset_dir / DATASET_CONTRACT_FILE
+    try:
+        index = pd.read_parquet(index_path)
+        contract = json.loads(contract_path.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc.filename}: missing (is {dataset_dir} written by `mammoseg preprocess`?)") \
+            from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{index_path}: unreadable dataset index ({str(exc)[:200]})") from None
+    return index, contract
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float,
+                      bce_weight: float) -> torch.Tensor:
+    """Per-class soft Dice (pooled over the batch) plus binary cross-entropy.
+
+    Args:
+        logits: (N, 2, H, W) raw network outputs.
+        target: (N, 2, H, W) masks in {0, 1}.
+        dice_weight: weight of the mean soft-Dice loss over classes.
+        bce_weight: weight of the mean binary cross-entropy.
+
+    Returns:
+        A scalar loss.
+    """
+    logits = logits.float()
+    probabilities = torch.sigmoid(logits)
+    dims = (0, 2, 3)
+    intersection = (probabilities * target).sum(dims)
+    denominator = probabilities.sum(dims) + target.sum(dims)
+    # Smoothing of 1 px: a class absent from the batch and absent from the prediction scores ~1.
+    soft_dice = (2 * intersection + 1) / (denominator + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return dice_weight * (1 - soft_dice.mean()) + bce_weight * bce
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, config: TrainConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply random vertical flips, small rotations/zooms and gamma/contrast jitter to a batch.
+
+    Random draws come from `generator` (seeded per epoch and step), so a resumed run sees the same
+    augmentations as an uninterrupted one.
+
+    Args:
+        images: (N, 1, H, W) in [0, 1].
+        masks: (N, 2, H, W) in {0, 1}.
+        config: augmentation strengths.
+        generator: a CPU generator.
+
+    Returns:
+        The augmented (images, masks), same shapes.
+    """
+    n = images.shape[0]
+    draws = torch.rand(n, 5, generator=generator).to(images.device)
+    flip = draws[:, 0] < config.aug_vflip_prob
+    angle = (draws[:, 1] * 2 - 1) * math.radians(config.aug_rotate_deg)
+    zoom = 1 + (draws[:, 2] * 2 - 1) * config.aug_scale
+    # Inverse mapping (output -> input coordinates): rotate by angle, scale by 1/zoom, flip rows.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    row_sign = torch.where(flip, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * row_sign
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos * row_sign
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    log_gamma = (draws[:, 3] * 2 - 1) * math.log1p(config.aug_gamma)
+    images = images.clamp(0, 1) ** torch.exp(log_gamma).view(n, 1, 1, 1)
+    contrast = (1 + (draws[:, 4] * 2 - 1) * config.aug_contrast).view(n, 1, 1, 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return ((images - mean) * contrast + mean).clamp(0, 1), masks
+
+
+def _lr_factor(epoch: int, config: TrainConfig) -> float:
+    """Linear warm-up for warmup_epochs, then cosine decay to 0 at the last epoch."""
+    if epoch < config.warmup_epochs:
+        return (epoch + 1) / (config.warmup_epochs + 1)
+    span = max(config.epochs - config.warmup_epochs, 1)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+
+
+def config_hash(config: TrainConfig, dataset_digest: str) -> str:
+    """Hash the fields that define a training (and the data), to recognise a resumable checkpoint."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
+    text = json.dumps({"config": fields, "dataset": dataset_digest}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _architecture(config: TrainConfig) -> dict[str, Any]:
+    return {"depth": config.depth, "filters": config.filters, "max_filters": config.max_filters,
+            "conv": config.conv, "residual": config.residual, "in_channels": 1, "out_channels": 2}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # Needed by cuBLAS for deterministic matrix products; harmless on CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _environment_tags(device: torch.device, config: TrainConfig) -> dict[str, Any]:
+    tags = {"torch_version": torch.__version__, "cuda_version": torch.version.cuda or "none",
+            "python_version": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(), "deterministic": config.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    return tags
+
+
+class _Trainer:
+    """The training loop's state; one instance per `run`."""
+
+    def __init__(self, config: TrainConfig, dataset_dir: Path, model_out: Path) -> None:
+        self.config = config
+        self.dataset_dir = dataset_dir
+        self.model_out = model_out
+        self.index, self.contract = read_dataset(dataset_dir)
+        self.dataset_digest = sha256_of(dataset_dir / INDEX_FILE)
+        splits = {name: self.index[self.index["split"] == name] for name in ("train", "val")}
+        for name, rows in splits.items():
+            if rows.empty:
+                raise UserError(f"{dataset_dir / INDEX_FILE}: the {name} split is empty")
+        self.splits = splits
+        self.device = select_device(config.device)
+        self.amp = config.amp and self.device.type == "cuda"
+        _seed_everything(config.seed, config.deterministic)
+        self.network = LightUNet(**_architecture(config), checkpointing=config.checkpointing).to(self.device)
+        size = int(self.contract.get("size", 0)) or None
+        if size is not None and size % self.network.size_multiple:
+            raise UserError(f"{dataset_dir / DATASET_CONTRACT_FILE}: image size {size} is not a multiple of "
+                            f"2**depth = {self.network.size_multiple} (use preprocess --size)")
+        if config.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.parameters = sum(p.numel() for p in self.network.parameters())
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: _lr_factor(e, config))
+        use_scaler = self.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.epoch = 0
+        self.best = {"epoch": -1, "val_dice": -1.0}
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+        self.run_id: str | None = None
+        self.hash = config_hash(config, self.dataset_digest)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the checkpoint in model_out when it belongs to this config; return whether it did."""
+        path = self.model_out / CHECKPOINT_FILE
+        if not path.is_file():
+            if self.config.resume:
+                raise UserError(f"{path}: --resume given but there is no checkpoint to resume from")
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("config_hash") != self.hash:
+            if self.config.resume:
+                raise UserError(f"{path}: checkpoint was written for another config or dataset "
+                                f"({state.get('config_hash')} != {self.hash}); cannot --resume")
+            log.warning("%s belongs to another config or dataset: starting afresh", path)
+            return False
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best, self.bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
+        self.history, self.run_id = state["history"], state["run_id"]
+        _set_rng_state(state["rng"])
+        log.info("resuming from %s at epoch %d (MLflow run %s)", path, self.epoch, self.run_id)
+        return True
+
+    def save_checkpoint(self) -> None:
+        state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
+                 "history": self.history, "run_id": self.run_id, "rng": _rng_state(),
+                 "config_hash": self.hash}
+        write_atomically(self.model_out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+    # --- one epoch ---------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle_seed: int | None) -> DataLoader:
+        generator = None
+        if shuffle_seed is not None:
+            generator = torch.Generator().manual_seed(shuffle_seed)
+        return DataLoader(ExampleDataset(self.dataset_dir, self.splits[split]),
+                          batch_size=self.config.batch_size, shuffle=shuffle_seed is not None,
+                          generator=generator, num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda", drop_last=False)
+
+    def train_epoch(self) -> float:
+        config = self.config
+        self.network.train()
+        epoch_seed = config.seed * 100_003 + self.epoch
+        augment_rng = torch.Generator().manual_seed(epoch_seed + 1)
+        total, batches = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        loader = self._loader("train", shuffle_seed=epoch_seed)
+        for step, (images, masks) in enumerate(tqdm(loader, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                                                   unit="batch", leave=False, disable=None)):
+            images = images.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+            images, masks = augment(images, masks, config, augment_rng)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                logits = self.network(images)
+            loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight)
+            self.scaler.scale(loss / config.grad_accum_steps).backward()
+            if (step + 1) % config.grad_accum_steps == 0 or step + 1 == len(loader):
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            batches += 1
+        self.scheduler.step()
+        return total / max(batches, 1)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss and pooled Dice per class (threshold 0.5), their mean and all-lesion Dice."""
+        self.network.eval()
+        total, batches = 0.0, 0
+        counts: dict[str, list] = {name: [] for name in (*CLASSES, "all")}
+        for images, masks in self._loader("val", shuffle_seed=None):
+            images, masks = images.to(self.device), masks.to(self.device)
+            if self.config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                logits = self.network(images)
+            total += float(segmentation_loss(logits, masks, self.config.dice_weight, self.config.bce_weight))
+            batches += 1
+            predicted = (torch.sigmoid(logits.float()) >= 0.5).cpu().numpy()
+            truth = masks.cpu().numpy() > 0.5
+            for pred, gt in zip(predicted, truth, strict=True):
+                for channel, name in enumerate(CLASSES):
+                    counts[name].append(dice_counts(pred[channel], gt[channel]))
+                counts["all"].append(dice_counts(pred.any(0), gt.any(0)))
+        dice = {f"val_dice_{name}": _nan_to_zero(pooled_dice(values)) for name, values in counts.items()}
+        dice["val_dice_mean"] = (dice["val_dice_mass"] + dice["val_dice_calcification"]) / 2
+        return {"val_loss": total / max(batches, 1), **dice}
+
+    def overlays(self, path: Path) -> None:
+        """Write a Figure-2-like grid (input, thresholded output, ground truth) of a few val images."""
+        rows = self.splits["val"].head(self.config.overlay_images)
+        examples = [load_example(self.dataset_dir, row) for _, row in rows.iterrows()]
+        images = [np.asarray(image, np.float32) for image, _ in examples]
+        self.network.eval()
+        probabilities = predict_probabilities(self.network, images, self.device, self.config.batch_size,
+                                              self.amp, self.config.channels_last)
+        panels = [figure_panel(image[0], prob >= 0.5, np.asarray(mask, bool), title=str(row.image_id))
+                  for (image, (_, mask)), prob, (_, row)
+                  in zip(zip(images, examples, strict=True), probabilities, rows.iterrows(), strict=True)]
+        save_png(figure_grid(panels), path)
+
+
+def _nan_to_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else float(value)
+
+
+def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
+        validation_report: Path | None = None) -> TrainResult:
+    """Train LightUNet on the train split, select on val, and record everything in one MLflow run.
+
+    Args:
+        config: training parameters.
+        dataset: the preprocessed dataset (index.parquet, dataset.json, arrays).
+        model_out: folder for model.pt, checkpoint.pt, history.csv, the run id.
+        metrics_out: JSON summary (best epoch, validation Dice, threshold).
+        validation_report: the validate stage's report folder, attached to the run when given.
+
+    Returns:
+        The run id, best epoch and validation Dice, the chosen threshold and output paths.
+    """
+    model_out.mkdir(parents=True, exist_ok=True)
+    metrics_out.parent.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(config, dataset, model_out)
+    resumed = trainer.restore()
+    if not resumed:
+        (model_out / MODEL_FILE).unlink(missing_ok=True)
+    run_name = f"lightunet-{trainer.contract.get('size', '?')}px-{trainer.hash[:6]}"
+    with _open_run(trainer, run_name, resumed) as mlflow_run:
+        trainer.run_id = mlflow_run.run_id
+        tracking.write_run_id(model_out, mlflow_run.run_id)
+        if not resumed:
+            _log_run_inputs(mlflow_run, trainer, config, dataset, validation_report)
+        _train_loop(trainer, mlflow_run)
+        return _finalize(trainer, mlflow_run, metrics_out)
+
+
+def _open_run(trainer: _Trainer, run_name: str, resumed: bool):
+    if resumed and trainer.run_id:
+        return tracking.continue_run(trainer.run_id)
+    return tracking.training_run(trainer.config.experiment, run_name, trainer.config.log_system_metrics)
+
+
+def _log_run_inputs(mlflow_run: tracking.Run, trainer: _Trainer, config: TrainConfig, dataset: Path,
+                    validation_report: Path | None) -> None:
+    params = {f"train.{k}": v for k, v in dataclasses.asdict(config).items()
+              if k not in {"resume", "pipeline_run_id"}}
+    params.update({f"preprocess.{k}": v for k, v in trainer.contract.items()})
+    params["model.parameters"] = trainer.parameters
+    mlflow_run.log_params(params)
+    commit, dirty = tracking.git_state()
+    mlflow_run.set_tags({**_environment_tags(trainer.device, config), "git_commit": commit,
+                         "git_dirty": dirty, "data_dvc_hash": tracking.dvc_data_hash(),
+                         "manifest_digest": trainer.contract.get("manifest_sha256"),
+                         "dataset_digest": trainer.dataset_digest, "config_hash": trainer.hash,
+                         "pipeline_run_id": config.pipeline_run_id or None})
+    mlflow_run.log_dataset(trainer.index, name="inbreast-preprocessed", digest=trainer.dataset_digest,
+                           source=str(dataset.resolve()), context="training")
+    if validation_report is not None:
+        if not validation_report.is_dir():
+            raise UserError(f"{validation_report}: validation report folder not found")
+        mlflow_run.log_artifact(validation_report, "validation_report")
+
+
+def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
+    config = trainer.config
+    while trainer.epoch < config.epochs and trainer.bad_epochs < config.early_stopping_patience:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        train_loss = trainer.train_epoch()
+        metrics = {"train_loss": train_loss, **trainer.validate(), "lr": lr}
+        trainer.history.append({"epoch": trainer.epoch + 1, **metrics})
+        mlflow_run.log_metrics(metrics, step=trainer.epoch + 1)
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice mass %.3f calc %.3f",
+                 trainer.epoch + 1, config.epochs, train_loss, metrics["val_loss"],
+                 metrics["val_dice_mass"], metrics["val_dice_calcification"])
+        if metrics["val_dice_mean"] > trainer.best["val_dice"]:
+            trainer.best = {"epoch": trainer.epoch + 1, "val_dice": metrics["val_dice_mean"]}
+            trainer.bad_epochs = 0
+            save_model(trainer.model_out / MODEL_FILE, trainer.network, _architecture(config), 0.5,
+                       trainer.contract)
+        else:
+            trainer.bad_epochs += 1
+        trainer.epoch += 1
+        if config.overlay_every and trainer.epoch % config.overlay_every == 0:
+            overlay = trainer.model_out / "overlays" / f"epoch_{trainer.epoch:03d}.png"
+            overlay.parent.mkdir(exist_ok=True)
+            trainer.overlays(overlay)
+            mlflow_run.log_artifact(overlay, "overlays")
+        trainer.save_checkpoint()
+    if trainer.bad_epochs >= config.early_stopping_patience:
+        log.info("early stop: no better validation Dice for %d epochs", trainer.bad_epochs)
+
+
+def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) -> TrainResult:
+    """Reload the best weights, choose the threshold on val, write the model, curves and summary."""
+    config, model_out = trainer.config, trainer.model_out
+    best_state = torch.load(model_out / MODEL_FILE, map_location="cpu", weights_only=True)
+    trainer.network.load_state_dict(best_state["state_dict"])
+    trainer.network.eval()
+    val_rows = trainer.splits["val"]
+    examples = [load_example(trainer.dataset_dir, row) for _, row in val_rows.iterrows()]
+    probabilities = list(predict_probabilities(
+        trainer.network, [np.asarray(image, np.float32) for image, _ in examples], trainer.device,
+        config.batch_size, trainer.amp, config.channels_last))
+    choice = choose_threshold(probabilities, [np.asarray(mask, bool) for _, mask in examples],
+                              config.threshold_grid)
+    threshold = float(choice.threshold)
+    save_model(model_out / MODEL_FILE, trainer.network, _architecture(config), threshold, trainer.contract)
+    history = pd.DataFrame(trainer.history)
+    write_atomically(model_out / HISTORY_FILE, lambda tmp: history.to_csv(tmp, index=False))
+    summary = {"run_id": mlflow_run.run_id, "best_epoch": trainer.best["epoch"],
+               "best_val_dice_mean": trainer.best["val_dice"], "threshold": threshold,
+               "val_dice_at_threshold": float(choice.best_dice), "epochs_run": trainer.epoch,
+               "parameters": trainer.parameters}
+    write_atomically(metrics_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    mlflow_run.log_metrics({"best_val_dice_mean": trainer.best["val_dice"],
+                            "val_dice_at_threshold": float(choice.best_dice), "threshold": threshold})
+    mlflow_run.set_tags({"best_epoch": trainer.best["epoch"]})
+    mlflow_run.log_artifact(model_out / MODEL_FILE, "checkpoint")
+    mlflow_run.log_artifact(model_out / HISTORY_FILE, "curves")
+    log.info("best epoch %d, val Dice %.3f; threshold %.2f -> %s", trainer.best["epoch"],
+             trainer.best["val_dice"], threshold, model_out / MODEL_FILE)
+    return TrainResult(mlflow_run.run_id, trainer.best["epoch"], trainer.best["val_dice"], threshold,
+                       model_out / MODEL_FILE, metrics_out)

@@ -1,0 +1,398 @@
+"""The only module that talks to MLflow: runs, params, metrics, lineage tags, artifacts, the registry.
+
+The tracking URI and credentials come only from the environment (`MLFLOW_TRACKING_URI`,
+`MLFLOW_TRACKING_USERNAME`/`PASSWORD`); without a URI the embedded default is a SQLite store under
+`artifacts/` with local artifacts beside it (MLflow 3 refuses a plain file store). `train` opens the
+run; evaluate, export and register continue it through the run id recorded with the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mammoseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = Path("artifacts")
+RUN_ID_FILE = "mlflow_run.json"
+# Bounded retries against an unreachable server: MLflow's own defaults retry for minutes.
+_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def tracking_uri() -> str:
+    """Return the tracking URI: $MLFLOW_TRACKING_URI, else the embedded SQLite store under artifacts/."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_STORE_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def _is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _configure() -> str:
+    """Point the MLflow client at the tracking URI with bounded retries; return the URI."""
+    import mlflow
+
+    for key, value in _RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _redact(uri: str) -> str:
+    """Drop user:password from a URI before it goes into a message or a log line."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+@contextlib.contextmanager
+def _server_errors(action: str) -> Iterator[None]:
+    """Turn MLflow's connection and auth failures into one-line user errors."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Max retries" in str(exc) or "Connection" in str(exc) or "API request" in str(exc):
+            raise UserError(f"MLflow tracking server {_redact(tracking_uri())} unreachable while {action} "
+                            f"({text[:200]})") from None
+        if "401" in str(exc) or "Unauthorized" in str(exc) or "403" in str(exc):
+            raise UserError(f"MLflow tracking server {_redact(tracking_uri())} refused the credentials "
+                            f"while {action} (set MLFLOW_TRACKING_USERNAME/PASSWORD)") from None
+        raise
+
+
+def git_state(repo: Path | None = None) -> tuple[str, bool]:
+    """Return (commit, dirty) of the git checkout holding `repo` (cwd by default); ("unknown", False) if none."""
+    cwd = repo or Path.cwd()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    return commit, bool(status)
+
+
+def dvc_data_hash(repo: Path | None = None) -> str | None:
+    """Return the DVC hash of the raw data: data.dvc's md5, else the dvc.lock ingest dependency on data/."""
+    root = repo or Path.cwd()
+    data_dvc = root / "data.dvc"
+    if data_dvc.is_file():
+        outs = (yaml.safe_load(data_dvc.read_text()) or {}).get("outs") or []
+        if outs and outs[0].get("md5"):
+            return str(outs[0]["md5"])
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+        for dep in (stages.get("ingest") or {}).get("deps") or []:
+            if str(dep.get("path", "")).startswith("data") and dep.get("md5"):
+                return str(dep["md5"])
+    return None
+
+
+@dataclasses.dataclass
+class Run:
+    """A handle on one MLflow run (the active run inside `training_run` / `continue_run`)."""
+
+    run_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values stringified; nested mappings flattened with dots)."""
+        import mlflow
+
+        flat = _flatten(params)
+        with _server_errors("logging params"):
+            mlflow.log_params({k: _param_text(v) for k, v in flat.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags on the run (None values are skipped)."""
+        import mlflow
+
+        with _server_errors("setting tags"):
+            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics at a step."""
+        import mlflow
+
+        with _server_errors("logging metrics"):
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a folder (recursively) to the run's artifacts."""
+        import mlflow
+
+        with _server_errors(f"uploading {path}"):
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                mlflow.log_artifact(str(path), artifact_path)
+
+    def log_dataset(self, frame, name: str, digest: str, source: str, context: str) -> None:
+        """Record a dataset input (mlflow.log_input) with its name, digest and source."""
+        import mlflow
+        from mlflow.data.pandas_dataset import from_pandas
+
+        dataset = from_pandas(frame, source=source, name=name, digest=digest[:36])
+        with _server_errors("logging the dataset input"):
+            mlflow.log_input(dataset, context=context)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """Get or create the experiment; the embedded store keeps artifacts under artifacts/mlartifacts."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if _is_embedded(uri):
+        location = (DEFAULT_STORE_DIR / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def training_run(experiment: str, run_name: str, log_system_metrics: bool = True) -> Iterator[Run]:
+    """Open a new run; on any exception mark it FAILED (never leave it RUNNING) and re-raise.
+
+    Args:
+        experiment: experiment name (created when missing).
+        run_name: a readable name for the MLflow UI.
+        log_system_metrics: sample CPU/GPU memory and utilisation in the background.
+    """
+    import mlflow
+
+    uri = _configure()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run`, the project's run is the training run: log into it.
+        with continue_run(os.environ["MLFLOW_RUN_ID"]) as run:
+            yield run
+        return
+    with _server_errors("starting the run"):
+        experiment_id = _experiment_id(experiment, uri)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                  log_system_metrics=log_system_metrics)
+    log.info("MLflow run %s in experiment %r at %s", active.info.run_id, experiment, _redact(uri))
+    yield from _finish(active)
+
+
+@contextlib.contextmanager
+def continue_run(run_id: str) -> Iterator[Run]:
+    """Re-open an existing run (evaluate, export and register log into the training run)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"re-opening run {run_id}"):
+        active = mlflow.start_run(run_id=run_id)
+    yield from _finish(active)
+
+
+def _finish(active) -> Iterator[Run]:
+    import mlflow
+
+    try:
+        yield Run(active.info.run_id)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def write_run_id(model_dir: Path, run_id: str) -> Path:
+    """Record the run id next to the model so later stages continue the same run."""
+    path = model_dir / RUN_ID_FILE
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": _redact(tracking_uri())}) + "\n")
+    return path
+
+
+def read_run_id(model_dir: Path) -> str:
+    """Read the run id recorded next to a model.
+
+    Raises:
+        UserError: the model folder has no run id file.
+    """
+    path = model_dir / RUN_ID_FILE
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{path}: no MLflow run id recorded (was this model written by `mammoseg train`?)") \
+            from None
+
+
+def run_data(run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """Return (tags, latest metrics) of a run.
+
+    Raises:
+        UserError: the server is unreachable or the run does not exist.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    with _server_errors(f"reading run {run_id}"):
+        try:
+            run = mlflow.MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                raise UserError(f"MLflow run {run_id} not found at {_redact(tracking_uri())}") from None
+            raise
+    return dict(run.data.tags), dict(run.data.metrics)
+
+
+# --- Model Registry ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    """A registered model version: its number, source run and tags."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+def _version(entity) -> ModelVersion:
+    return ModelVersion(entity.name, str(entity.version), entity.run_id or "", dict(entity.tags or {}))
+
+
+def log_onnx_model(run_id: str, onnx_path: Path, input_example) -> str:
+    """Log an ONNX file with MLflow's ONNX flavour (signature + input example) into a run.
+
+    Returns:
+        The logged model's URI, to register from.
+    """
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import infer_signature
+
+    from mammoseg.onnx_runtime import open_session
+
+    output_example = open_session(onnx_path, prefer_cuda=False).run(input_example)
+    signature = infer_signature(input_example, output_example)
+    with continue_run(run_id), _server_errors(f"uploading {onnx_path}"):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx-model", signature=signature,
+                                     input_example=input_example, save_as_external_data=False,
+                                     onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return info.model_uri
+
+
+def find_versions(name: str, run_id: str) -> list[ModelVersion]:
+    """Return the versions of a registered model created from a run (empty if none or no model)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"searching versions of {name}"):
+        found = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return [_version(v) for v in found]
+
+
+def create_version(name: str, model_uri: str, run_id: str, tags: Mapping[str, Any]) -> ModelVersion:
+    """Register a new version of `name` (created when missing) from a logged model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    client = mlflow.MlflowClient()
+    with _server_errors(f"registering {name}"):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return _version(version)
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """Return the version an alias points to, or None when the alias (or the model) does not exist."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    with _server_errors(f"reading {name}@{alias}"):
+        try:
+            return _version(mlflow.MlflowClient().get_model_version_by_alias(name, alias))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Point an alias of a registered model at a version."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"setting {name}@{alias}"):
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on a model version."""
+    import mlflow
+
+    _configure()
+    client = mlflow.MlflowClient()
+    with _server_errors(f"tagging {name} version {version}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+
+
+def download_model_artifacts(model_uri: str, destination: Path) -> Path:
+    """Download a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) into a folder.
+
+    Raises:
+        UserError: the registry is unreachable or the model, version or alias does not exist.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    with _server_errors(f"downloading {model_uri}"):
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower() \
+                    or "INVALID_PARAMETER_VALUE" in str(exc):
+                raise UserError(f"{model_uri}: no such registered model, version or alias at "
+                                f"{_redact(tracking_uri())}") from None
+            raise

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: the whole pipeline on generated INbreast-format data, with the embedded defaults
+# (SQLite MLflow store and local artifacts under artifacts/). Creates or reuses .venv/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/venv.sh
+
+# Generated data stands in for the licensed INbreast; real data goes in the same place (README).
+if [ ! -f data/inbreast/INbreast.csv ] && [ ! -f data/inbreast/INbreast.xls ]; then
+    mammoseg synth --out data/inbreast
+fi
+mammoseg ingest --inbreast data/inbreast --manifest-out artifacts/manifest.parquet --masks-out artifacts/masks
