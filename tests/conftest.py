@@ -221,3 +221,55 @@ def tracking_env(mlflow_server, monkeypatch) -> Server:
     for key in S3_CREDENTIALS:
         monkeypatch.delenv(key, raising=False)
     return mlflow_server
+
+
+# --- a small generated dataset through the real stages, shared by the stage tests -----------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_config_for(stage: str, **overrides):
+    """The stage's config from the repository's params.yaml with test overrides."""
+    from mammoseg.config import load_params, stage_config
+
+    return stage_config(stage, load_params(REPO_ROOT / "params.yaml"), overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    inbreast: Path
+    manifest: Path
+    masks: Path
+    dataset: Path
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> PreparedData:
+    """synth (8 patients, scale 0.1) -> ingest -> preprocess at 128 px: seconds, both lesion classes."""
+    from mammoseg import synth
+    from mammoseg.stages import ingest, preprocess
+
+    root = tmp_path_factory.mktemp("prepared")
+    synth.run(stage_config_for("synth", cases=8, seed=3, scale=0.1), root / "inbreast")
+    ingest.run(stage_config_for("ingest", workers=1), root / "inbreast", root / "manifest.parquet", root / "masks")
+    preprocess.run(stage_config_for("preprocess", size=128, workers=1), root / "manifest.parquet", root / "masks",
+                   root / "dataset")
+    return PreparedData(root / "inbreast", root / "manifest.parquet", root / "masks", root / "dataset")
+
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 4, "num_workers": 0, "overlay_every": 1, "overlay_images": 2,
+              "log_system_metrics": False, "warmup_epochs": 0}
+
+
+@pytest.fixture(scope="session")
+def trained_model(prepared_data, mlflow_server, tmp_path_factory) -> Path:
+    """A LightUNet trained for 2 epochs on prepared_data, evaluated, tracked on the session's server."""
+    from mammoseg.stages import evaluate, train
+
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        train.run(stage_config_for("train", **TINY_TRAIN), prepared_data.dataset, root / "model", root / "train.json")
+        evaluate.run(stage_config_for("evaluate", bootstrap_resamples=200), prepared_data.dataset, root / "model",
+                     root / "metrics.json", root / "evaluation")
+    return root / "model"

@@ -89,7 +89,7 @@ def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) ->
         version = existing[0]
         log.info("%s version %s was registered but not gated: resuming", name, version.version)
     else:
-        lineage = {"run_id": run_id, "data_dvc_hash": spec.get("data_dvc_hash"),
+        lineage = {"run_id": run_id, "data_dvc_hash": spec.get("data_dvc_hash") or "untracked",
                    "git_commit": spec.get("git_commit"), "dataset_digest": spec.get("dataset_digest"),
                    "onnx_sha256": onnx_sha, "validation_success": tags.get("validation_success", "unknown"),
                    "parity": "passed",

@@ -417,6 +417,15 @@ def _log_run_inputs(mlflow_run: tracking.Run, trainer: _Trainer, config: TrainCo
         if not validation_report.is_dir():
             raise UserError(f"{validation_report}: validation report folder not found")
         mlflow_run.log_artifact(validation_report, "validation_report")
+        mlflow_run.set_tags({"validation_success": _validation_success(validation_report)})
+
+
+def _validation_success(report: Path) -> str:
+    """Return "true"/"false" from a validate report's summary.json, "unknown" when it has none."""
+    try:
+        return str(bool(json.loads((report / "summary.json").read_text())["success"])).lower()
+    except (OSError, ValueError, KeyError):
+        return "unknown"
 
 
 def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:

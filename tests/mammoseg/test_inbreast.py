@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import csv_bytes, roi_xml
 
 from mammoseg.errors import UserError
 from mammoseg.inbreast import (
@@ -19,6 +18,7 @@ from mammoseg.inbreast import (
     read_rois,
     read_table,
 )
+from tests.conftest import csv_bytes, roi_xml
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_EXAMPLE = """<?xml version="1.0" encoding="UTF-8"?>

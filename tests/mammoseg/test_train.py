@@ -1,0 +1,149 @@
+"""Training against a real MLflow server: what the run carries, exact resume after SIGKILL, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from mammoseg.errors import UserError
+from mammoseg.stages import train
+from tests.conftest import REPO_ROOT, TINY_TRAIN, stage_config_for
+
+
+def _client():
+    return mlflow.MlflowClient()
+
+
+@pytest.mark.slow
+def test_training_run_carries_what_reviewers_need(prepared_data, tracking_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    report = tmp_path / "validation"
+    report.mkdir()
+    (report / "summary.json").write_text('{"success": true}')
+    config = stage_config_for("train", **{**TINY_TRAIN, "log_system_metrics": True, "pipeline_run_id": "kfp-123"})
+    result = train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json", report)
+
+    run = _client().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.epochs"] == "2" and params["train.lr"] == str(config.lr)
+    assert params["preprocess.size"] == "128" and int(params["model.parameters"]) == 5_440_907
+    tags = run.data.tags
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
+    assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
+    assert tags["deterministic"] == "True" and tags["pipeline_run_id"] == "kfp-123"
+    assert tags["validation_success"] == "true"
+    assert len(tags["manifest_digest"]) == 64 and len(tags["dataset_digest"]) == 64
+    history = _client().get_metric_history(result.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    for key in ("val_loss", "val_dice_mass", "val_dice_calcification", "val_dice_mean", "val_dice_all", "lr"):
+        assert len(_client().get_metric_history(result.run_id, key)) == 2, key
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "inbreast-preprocessed"
+    assert tags["dataset_digest"].startswith(dataset_input.dataset.digest)
+    artifacts = {a.path for a in _client().list_artifacts(result.run_id)}
+    assert {"validation_report", "overlays", "checkpoint", "curves"} <= artifacts
+    assert [a.path for a in _client().list_artifacts(result.run_id, "overlays")] == [
+        "overlays/epoch_001.png", "overlays/epoch_002.png"]
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["run_id"] == result.run_id and 0.0 <= summary["threshold"] <= 1.0
+    assert json.loads((tmp_path / "model" / "mlflow_run.json").read_text())["run_id"] == result.run_id
+    assert (tmp_path / "model" / "history.csv").read_text().startswith("epoch,train_loss")
+
+
+def _train_cli(dataset: Path, model_out: Path, env: dict[str, str], epochs: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mammoseg.cli", "--params", str(REPO_ROOT / "params.yaml"), "train",
+         "--dataset", str(dataset), "--model-out", str(model_out), "--metrics-out", str(model_out / "m.json"),
+         "--epochs", str(epochs), "--batch-size", "2", "--num-workers", "0", "--overlay-every", "0",
+         "--no-log-system-metrics", "--warmup-epochs", "1"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_reaches_the_same_weights(prepared_data, tracking_env, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": tracking_env.url}
+    epochs = 3
+    straight = _train_cli(prepared_data.dataset, tmp_path / "straight", env, epochs)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+
+    killed_dir = tmp_path / "killed"
+    killed = _train_cli(prepared_data.dataset, killed_dir, env, epochs)
+    checkpoint = killed_dir / train.CHECKPOINT_FILE
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # no handler can run: the run stays RUNNING, the epoch half done
+    killed.wait(timeout=60)
+    state = torch.load(checkpoint, weights_only=False)
+    assert 1 <= state["epoch"] < epochs
+
+    resumed = _train_cli(prepared_data.dataset, killed_dir, env, epochs)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert "resuming from" in stderr
+
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(killed_dir / "model.pt", weights_only=True)
+    assert a["threshold"] == b["threshold"]
+    for key, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][key]), key
+    run_id = json.loads((killed_dir / "mlflow_run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(tracking_env.url).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_crash_marks_the_run_failed(prepared_data, tracking_env, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(prepared_data.dataset, dataset)
+    for image in (dataset / "images").glob("*.npy"):
+        image.write_bytes(b"not an array")  # every load fails, inside the first epoch
+    config = stage_config_for("train", **TINY_TRAIN)
+    with pytest.raises(ValueError):
+        train.run(config, dataset, tmp_path / "model", tmp_path / "train.json")
+    run_id = json.loads((tmp_path / "model" / "mlflow_run.json").read_text())["run_id"]
+    assert _client().get_run(run_id).info.status == "FAILED"
+
+
+def test_user_errors(tmp_path):
+    config = stage_config_for("train", **TINY_TRAIN)
+    with pytest.raises(UserError, match="index.parquet: missing"):
+        train.run(config, tmp_path, tmp_path / "model", tmp_path / "train.json")
+
+
+def test_resume_flag_needs_a_checkpoint(prepared_data, tmp_path):
+    config = stage_config_for("train", **{**TINY_TRAIN, "resume": True})
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json")
+
+
+def test_segmentation_loss_prefers_the_truth():
+    target = torch.zeros(1, 2, 8, 8)
+    target[0, 0, 2:5, 2:5] = 1
+    good = (target * 2 - 1) * 10
+    bad = -good
+    assert train.segmentation_loss(good, target, 1.0, 1.0) < 0.01
+    assert train.segmentation_loss(bad, target, 1.0, 1.0) > 1.0
+
+
+def test_augment_is_reproducible_and_keeps_shapes():
+    config = stage_config_for("train", **TINY_TRAIN)
+    images = torch.rand(2, 1, 32, 32)
+    masks = (torch.rand(2, 2, 32, 32) > 0.9).float()
+    a = train.augment(images, masks, config, torch.Generator().manual_seed(5))
+    b = train.augment(images, masks, config, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert a[0].shape == images.shape and a[1].shape == masks.shape
+    assert set(np.unique(a[1].numpy())) <= {0.0, 1.0} and a[0].min() >= 0 and a[0].max() <= 1
