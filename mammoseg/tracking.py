@@ -73,12 +73,12 @@ def _server_errors(action: str) -> Iterator[None]:
         yield
     except MlflowException as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "error code 401" in str(exc) or "error code 403" in str(exc) or "not authenticated" in str(exc):
+            raise UserError(f"MLflow tracking server {_redact(tracking_uri())} refused the credentials "
+                            f"while {action} (set MLFLOW_TRACKING_USERNAME/PASSWORD)") from None
         if "Max retries" in str(exc) or "Connection" in str(exc) or "API request" in str(exc):
             raise UserError(f"MLflow tracking server {_redact(tracking_uri())} unreachable while {action} "
                             f"({text[:200]})") from None
-        if "401" in str(exc) or "Unauthorized" in str(exc) or "403" in str(exc):
-            raise UserError(f"MLflow tracking server {_redact(tracking_uri())} refused the credentials "
-                            f"while {action} (set MLFLOW_TRACKING_USERNAME/PASSWORD)") from None
         raise
 
 

@@ -27,6 +27,8 @@ start() {
     if [ "${1:-}" = "--auth" ]; then
         auth=(--app-name basic-auth)
         export MLFLOW_AUTH_CONFIG_PATH="$state/basic_auth.ini"
+        # Flask's CSRF protection needs a fixed secret shared by every server process.
+        export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY}"
         printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/basic_auth.db\nadmin_username = %s\nadmin_password = %s\n' \
             "$PWD/$state" "${MLFLOW_ADMIN_USERNAME:-admin}" "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD}" \
             >"$MLFLOW_AUTH_CONFIG_PATH"

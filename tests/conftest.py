@@ -273,3 +273,26 @@ def trained_model(prepared_data, mlflow_server, tmp_path_factory) -> Path:
         evaluate.run(stage_config_for("evaluate", bootstrap_resamples=200), prepared_data.dataset, root / "model",
                      root / "metrics.json", root / "evaluation")
     return root / "model"
+
+
+AUTH_ADMIN = ("admin", "s3cret-Passw0rd")
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(s3_server, tmp_path_factory) -> Server:
+    """A real `mlflow server --app-name basic-auth` (admin user from its config file)."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    config = root / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{root / 'auth.db'}\n"
+                      f"admin_username = {AUTH_ADMIN[0]}\nadmin_password = {AUTH_ADMIN[1]}\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
+    process = _start([str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+                      "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                      "--default-artifact-root", str(root / "artifacts"),
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                     f"{url}/health", env, root / "server.log", 90)
+    yield Server(url, process, {"MLFLOW_TRACKING_URI": url})
+    _stop(process)

@@ -1,0 +1,611 @@
+"""Validate: read the manifest and the DICOMs (and ROI XMLs) it points to; write a report and Data Docs.
+
+The data contract is a Great Expectations suite over one table: the manifest joined with per-image
+facts that need the files (sha256 actually computed, DICOM Modality, size, BitsStored, pixel range,
+populated patient tags, ROI point counts). Gathering the facts is the slow part and runs in a
+process pool; Great Expectations then checks the table with standard expectations, each carrying a
+name and a severity. Critical failures make the stage fail (exit code 1); warnings are reported and
+let it pass. Every failed expectation names the offending image ids, in the log and in summary.json.
+
+The report folder is self-contained so the training stage can attach it to its MLflow run as is:
+`summary.json` (machine-readable), `index.html` (a plain page that reads offline) and `data_docs/`
+(the Great Expectations site: suite and validation-result pages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pydicom.datadict
+from tqdm import tqdm
+
+from mammoseg.config import ValidateConfig
+from mammoseg.errors import UserError
+from mammoseg.fileio import sha256_of
+from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
+from mammoseg.stages.ingest import MANIFEST_COLUMNS
+
+log = logging.getLogger(__name__)
+
+SUITE_NAME = "inbreast_contract"
+SUMMARY_NAME = "summary.json"
+INDEX_NAME = "index.html"
+DATA_DOCS_DIR = "data_docs"
+# Shown instead of a patient tag's value: the report must not carry the identifying data it catches.
+POPULATED = "<populated>"
+LOG_IDS = 5  # offending image ids named per log line (summary.json lists them all)
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+# Per-image facts read from the files (privacy tag columns `tag_<Keyword>` follow them).
+_INT_FACTS = ("dicom_rows", "dicom_columns", "bits_stored", "pixel_min", "pixel_max", "pixel_floor",
+              "pixel_ceiling", "roi_points")
+FACT_COLUMNS = ("file_sha256", "read_error", "modality", *_INT_FACTS, "xml_error")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateResult:
+    """What validate found and wrote."""
+
+    success: bool
+    exit_code: int
+    images: int
+    failed_critical: int
+    failed_warning: int
+    summary: Path
+    report: Path
+    data_docs_index: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One clause of the data contract, as plain data (Great Expectations objects are built later).
+
+    Attributes:
+        name: short stable name, used in params.yaml (`warnings`), logs and summary.json.
+        expectation: the Great Expectations class name, e.g. "ExpectColumnValuesToBeInSet".
+        kwargs: its arguments.
+        sentence: what must hold, for people reading the Data Docs.
+        condition: (column, operator, value): check only the rows where this holds; None for all rows.
+    """
+
+    name: str
+    expectation: str
+    kwargs: dict[str, Any]
+    sentence: str
+    condition: tuple[str, str, Any] | None = None
+
+    def describe(self) -> str:
+        """Return the sentence, with the rows it applies to when the rule has a condition."""
+        if self.condition is None:
+            return self.sentence
+        column, operator, value = self.condition
+        return f"{self.sentence} (rows where {column} {operator} {value!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One manifest row's files: everything a worker needs to gather that image's facts."""
+
+    image_id: str
+    dicom_path: str
+    privacy_tags: tuple[str, ...]
+
+
+def parse_sizes(sizes: Sequence[str]) -> list[str]:
+    """Check that every allowed size is written ROWSxCOLUMNS (e.g. "3328x2560") and return them.
+
+    Raises:
+        UserError: a size is not of that form.
+    """
+    for size in sizes:
+        if not _SIZE_RE.match(size):
+            raise UserError(f"validate: allowed size {size!r} is not ROWSxCOLUMNS (e.g. 3328x2560)")
+    return list(sizes)
+
+
+def contract(config: ValidateConfig) -> list[Rule]:
+    """Return the data contract's rules, in the order the report lists them.
+
+    Columns named here that the manifest lacks are per-image facts (see `_image_facts`) or derived
+    in `_checked_table`.
+    """
+    sizes = parse_sizes(config.allowed_sizes)
+    birads = sorted(BIRADS_VALUES)
+    rules = [
+        # keys
+        Rule("image_id_unique", "ExpectColumnValuesToBeUnique", {"column": "image_id"},
+             "every image id appears once"),
+        Rule("image_id_format", "ExpectColumnValuesToMatchRegex",
+             {"column": "image_id", "regex": r"^\d{8}$"}, "image ids are 8 digits"),
+        Rule("patient_id_format", "ExpectColumnValuesToMatchRegex",
+             {"column": "patient_id", "regex": r"^[0-9a-f]{16}$"}, "patient ids are 16 lowercase hex digits"),
+        Rule("laterality_known", "ExpectColumnValuesToBeInSet",
+             {"column": "laterality", "value_set": ["L", "R"]}, "laterality is L or R"),
+        Rule("view_known", "ExpectColumnValuesToBeInSet", {"column": "view", "value_set": sorted(VIEWS)},
+             f"view is one of {', '.join(sorted(VIEWS))}"),
+        Rule("birads_known", "ExpectColumnValuesToBeInSet", {"column": "birads", "value_set": birads},
+             f"BI-RADS is one of INbreast's categories {', '.join(birads)}"),
+        Rule("acr_range", "ExpectColumnValuesToBeInSet", {"column": "acr", "value_set": [1, 2, 3, 4]},
+             "ACR breast density is 1-4 where given"),
+        Rule("acr_present", "ExpectColumnValuesToNotBeNull", {"column": "acr"},
+             "ACR breast density is given (INbreast has one blank)"),
+        Rule("acquisition_date_format", "ExpectColumnValuesToMatchRegex",
+             {"column": "acquisition_date", "regex": r"^(?:19|20)\d\d(?:0[1-9]|1[0-2])$"},
+             "acquisition date is YYYYMM"),
+        # files
+        Rule("dicom_readable", "ExpectColumnValuesToBeNull", {"column": "read_error"},
+             "the DICOM file exists and pydicom reads its header and pixels"),
+        Rule("dicom_sha256_matches", "ExpectColumnPairValuesToBeEqual",
+             {"column_A": "dicom_sha256", "column_B": "file_sha256"},
+             "the DICOM's sha256 equals the one ingest recorded (the file has not changed)"),
+        # images
+        Rule("modality_mg", "ExpectColumnValuesToBeInSet", {"column": "modality", "value_set": ["MG"]},
+             "DICOM Modality is MG"),
+        Rule("size_allowed", "ExpectColumnValuesToBeInSet", {"column": "dicom_size", "value_set": sizes},
+             f"DICOM Rows x Columns is one of {', '.join(sizes)}"),
+        Rule("size_matches_manifest", "ExpectColumnPairValuesToBeEqual",
+             {"column_A": "manifest_size", "column_B": "dicom_size",
+              "ignore_row_if": "either_value_is_missing"},
+             "the manifest's rows x columns equal the DICOM's"),
+        Rule("pixel_max_within_bits_stored", "ExpectColumnPairValuesAToBeGreaterThanB",
+             {"column_A": "pixel_ceiling", "column_B": "pixel_max", "or_equal": True,
+              "ignore_row_if": "either_value_is_missing"},
+             "the largest pixel value fits in BitsStored"),
+        Rule("pixel_min_within_bits_stored", "ExpectColumnPairValuesAToBeGreaterThanB",
+             {"column_A": "pixel_min", "column_B": "pixel_floor", "or_equal": True,
+              "ignore_row_if": "either_value_is_missing"},
+             "the smallest pixel value fits in BitsStored (and PixelRepresentation)"),
+        Rule("pixels_not_constant", "ExpectColumnPairValuesAToBeGreaterThanB",
+             {"column_A": "pixel_max", "column_B": "pixel_min", "or_equal": False,
+              "ignore_row_if": "either_value_is_missing"},
+             "the image is not one constant value"),
+        # annotations
+        Rule("roi_xml_readable", "ExpectColumnValuesToBeNull", {"column": "xml_error"},
+             "the lesion XML beside the DICOM folder, where there is one, parses"),
+        Rule("birads1_no_lesion", "ExpectColumnValuesToBeInSet", {"column": "n_rois", "value_set": [0]},
+             "BI-RADS 1 (normal) images have no ROI", ("birads", "==", "1")),
+        Rule("mass_has_mask", "ExpectColumnValuesToBeBetween", {"column": "mass_px", "min_value": 1},
+             "images with a mass ROI have a non-empty mass mask", ("n_mass", ">", 0)),
+        Rule("calcification_has_mask", "ExpectColumnValuesToBeBetween", {"column": "calc_px", "min_value": 1},
+             "images with a calcification ROI have a non-empty calcification mask",
+             ("n_calcification", ">", 0)),
+        Rule("mask_has_roi", "ExpectColumnValuesToBeInSet", {"column": "lesion_px", "value_set": [0]},
+             "images without mass or calcification ROIs have empty masks", ("n_lesions", "==", 0)),
+        Rule("roi_points_mostly_inside", "ExpectColumnValuesToBeBetween",
+             {"column": "out_of_bounds_share", "min_value": 0.0, "max_value": config.max_out_of_bounds_share},
+             f"at most {config.max_out_of_bounds_share:.0%} of an image's ROI points lie outside the image"),
+        Rule("roi_points_inside", "ExpectColumnValuesToBeInSet",
+             {"column": "n_points_out_of_bounds", "value_set": [0]},
+             "no ROI point lies outside the image (INbreast has a few; ingest clips them)"),
+        Rule("mask_fraction_bounded", "ExpectColumnValuesToBeBetween",
+             {"column": "mask_fraction", "min_value": 0.0, "max_value": config.max_mask_fraction},
+             f"lesion masks cover at most {config.max_mask_fraction:.0%} of the image"),
+    ]
+    # privacy: INbreast is anonymised; a file that is not must stop here, before any tracking server.
+    rules += [Rule(f"no_{_snake(tag)}", "ExpectColumnValuesToBeNull", {"column": f"tag_{tag}"},
+                   f"DICOM {tag} is absent or empty") for tag in config.privacy_tags]
+    rules += [
+        # dataset
+        Rule("min_images", "ExpectTableRowCountToBeBetween", {"min_value": config.min_images},
+             f"at least {config.min_images} images"),
+        Rule("min_patients", "ExpectColumnUniqueValueCountToBeBetween",
+             {"column": "patient_id", "min_value": config.min_patients},
+             f"at least {config.min_patients} patients"),
+        Rule("mass_present", "ExpectColumnMaxToBeBetween", {"column": "mass_px", "min_value": 1},
+             "some image has a mass mask"),
+        Rule("calcification_present", "ExpectColumnMaxToBeBetween", {"column": "calc_px", "min_value": 1},
+             "some image has a calcification mask"),
+    ]
+    return rules
+
+
+def severities(config: ValidateConfig, rules: Sequence[Rule]) -> dict[str, str]:
+    """Return each rule's severity: warning for the names in `config.warnings`, critical otherwise.
+
+    Raises:
+        UserError: `config.warnings` names a rule that does not exist.
+    """
+    names = [rule.name for rule in rules]
+    unknown = sorted(set(config.warnings) - set(names))
+    if unknown:
+        raise UserError(f"validate: warnings names unknown expectation(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(names)}")
+    return {name: "warning" if name in config.warnings else "critical" for name in names}
+
+
+def _snake(keyword: str) -> str:
+    """PatientBirthDate -> patient_birth_date, PatientID -> patient_id."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", keyword).lower()
+
+
+def fact_columns(privacy_tags: Sequence[str]) -> list[str]:
+    """Return the columns `_image_facts` fills, in order."""
+    return [*FACT_COLUMNS, *(f"tag_{tag}" for tag in privacy_tags)]
+
+
+def _image_facts(job: _Job) -> dict[str, Any]:
+    """Read one image's DICOM (and ROI XML) and return the facts the contract needs.
+
+    Never raises for a bad file: the problem is recorded in `read_error` / `xml_error` and the facts
+    that could not be read stay None.
+    """
+    facts: dict[str, Any] = dict.fromkeys(fact_columns(job.privacy_tags))
+    path = Path(job.dicom_path)
+    _dicom_facts(path, job.privacy_tags, facts)
+    # ROI XMLs sit beside AllDICOMs (INbreast layout); an image without one has no ROI.
+    xml_path = path.parent.parent / XML_DIR / f"{job.image_id}.xml"
+    if xml_path.is_file():
+        try:
+            facts["roi_points"] = sum(len(roi.points_px) for roi in read_rois(xml_path))
+        except UserError as exc:
+            facts["xml_error"] = str(exc)
+    else:
+        facts["roi_points"] = 0
+    return facts
+
+
+def _dicom_facts(path: Path, privacy_tags: Sequence[str], facts: dict[str, Any]) -> None:
+    """Fill the DICOM facts of one image into `facts`; record what went wrong in `read_error`."""
+    try:
+        facts["file_sha256"] = sha256_of(path)
+    except OSError as exc:
+        facts["read_error"] = f"cannot read file ({exc.strerror or exc})"
+        return
+    try:
+        # A second read of the file, from the page cache: cheaper than copying it into a BytesIO.
+        ds = pydicom.dcmread(path)
+        # Privacy first: a header that reads is enough to catch a named patient, pixels or not.
+        for tag in privacy_tags:
+            facts[f"tag_{tag}"] = POPULATED if str(ds.get(tag, "") or "").strip() else None
+        facts["modality"] = str(ds.get("Modality", "")).strip() or None
+        facts["dicom_rows"], facts["dicom_columns"] = int(ds.Rows), int(ds.Columns)
+        bits_stored, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0)) == 1
+        # Raw stored values: pydicom would otherwise mask them to BitsStored and hide the fault.
+        ds.pixel_array_options(correct_unused_bits=False)
+        pixels = ds.pixel_array
+        facts["bits_stored"] = bits_stored
+        facts["pixel_min"], facts["pixel_max"] = int(pixels.min()), int(pixels.max())
+        facts["pixel_floor"] = -(1 << (bits_stored - 1)) if signed else 0
+        facts["pixel_ceiling"] = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
+    except Exception as exc:  # pydicom and its decoders raise many types for a damaged file
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        facts["read_error"] = f"{type(exc).__name__}: {message}"[:200]
+
+
+def _gather_facts(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
+    """Yield each job's facts in order from a process pool (inline for one worker), with a progress bar."""
+    progress = tqdm(total=len(jobs), desc="validate", unit="image", disable=None)
+    try:
+        if workers <= 1:
+            for job in jobs:
+                yield _image_facts(job)
+                progress.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for facts in pool.map(_image_facts, jobs, chunksize=2):
+                    yield facts
+                    progress.update()
+    finally:
+        progress.close()
+
+
+def read_manifest(manifest: Path) -> pd.DataFrame:
+    """Read the manifest and check it has ingest's columns.
+
+    Raises:
+        UserError: the file is missing, is not Parquet, or lacks columns.
+    """
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: manifest not found")
+    try:
+        frame = pd.read_parquet(manifest)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise UserError(f"{manifest}: not a readable Parquet manifest ({type(exc).__name__})") from None
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise UserError(f"{manifest}: missing manifest column(s) {', '.join(missing)}")
+    return frame.reset_index(drop=True)
+
+
+def _checked_table(manifest: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
+    """Join the manifest with the image facts (row by row) and add the derived columns the rules use."""
+    table = pd.concat([manifest, facts], axis=1)
+    for column in _INT_FACTS:
+        table[column] = pd.array(table[column], dtype="Int64")
+    table["manifest_size"] = table["rows"].astype(str) + "x" + table["columns"].astype(str)
+    table["dicom_size"] = (table["dicom_rows"].astype("string") + "x"
+                           + table["dicom_columns"].astype("string")).astype(object)
+    table["n_lesions"] = table["n_mass"] + table["n_calcification"]
+    table["n_rois"] = table["n_lesions"] + table["n_other"]
+    table["lesion_px"] = table["mass_px"] + table["calc_px"]
+    area = (table["rows"] * table["columns"]).astype(float)
+    table["mask_fraction"] = table["lesion_px"] / area.where(area > 0)
+    # Points said to be out of bounds with no points in the XML is as wrong as it gets: share 1.
+    points = table["roi_points"].astype(float)
+    out = table["n_points_out_of_bounds"].astype(float)
+    share = np.where(points > 0, out / points.where(points > 0), np.where(out > 0, 1.0, 0.0))
+    table["out_of_bounds_share"] = pd.Series(share, index=table.index).where(table["xml_error"].isna())
+    # pandas' nullable string columns become object columns with None: the form GX handles everywhere.
+    for column in table.columns:
+        if isinstance(table[column].dtype, pd.StringDtype):
+            table[column] = table[column].astype(object).where(table[column].notna(), None)
+    return table
+
+
+def _build_suite_run(table: pd.DataFrame, rules: Sequence[Rule], severity: dict[str, str], docs_dir: Path,
+                     run_name: str, run_time: datetime.datetime) -> Any:
+    """Check the table against the rules with Great Expectations; build Data Docs into docs_dir.
+
+    One ephemeral context per run (creating one is slow); its only persistent output is the Data Docs
+    site. Returns the ExpectationSuiteValidationResult.
+    """
+    # GX logs its start-up at INFO; keep the stage's log to our own lines unless someone asked for GX's.
+    gx_log = logging.getLogger("great_expectations")
+    if gx_log.level == logging.NOTSET:
+        gx_log.setLevel(logging.WARNING)
+    # Imported here: GX takes seconds to import and only this step needs it.
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+    from great_expectations.expectations.row_conditions import Column
+
+    site = {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", "show_cta_footer": False},
+    }
+    context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites={"report": site},
+        analytics_enabled=False,  # no network from a pipeline stage
+        progress_bars=ProgressBarsConfig(globally=False),  # our own bar covers the slow part
+    ))
+    batch = (context.data_sources.add_pandas("manifest")
+             .add_dataframe_asset("images_with_dicom_facts")
+             .add_batch_definition_whole_dataframe("all_rows"))
+    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, meta={"notes": (
+        "INbreast data contract: the manifest written by ingest, joined with facts read from each DICOM "
+        "and ROI XML. Critical failures stop the pipeline; warnings are reported.")}))
+    operators = {"==": Column.__eq__, "!=": Column.__ne__, ">": Column.__gt__, ">=": Column.__ge__,
+                 "<": Column.__lt__, "<=": Column.__le__}
+    for rule in rules:
+        kwargs = dict(rule.kwargs)
+        if rule.condition is not None:
+            column, operator, value = rule.condition
+            kwargs["row_condition"] = operators[operator](Column(column), value)
+        level = severity[rule.name]
+        suite.add_expectation(getattr(gxe, rule.expectation)(
+            **kwargs, severity=level, meta={"name": rule.name, "severity": level},
+            description=f"[{level}] {rule.name}: {rule.describe()}"))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="manifest_contract", data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id"]}))
+    run_id = RunIdentifier(run_name=run_name, run_time=run_time)
+    result = checkpoint.run(batch_parameters={"dataframe": table}, run_id=run_id)
+    (validation,) = result.run_results.values()
+    return validation
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy/pandas scalars (and containers of them) into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is pd.NA:
+        return None
+    return value
+
+
+def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, str]) -> dict[str, Any]:
+    """Summarise one failed expectation result: its name, severity, offending image ids and values."""
+    config = outcome.expectation_config
+    name = config.meta["name"]
+    kwargs = config.kwargs
+    columns = [kwargs[key] for key in ("column", "column_A", "column_B") if kwargs.get(key)]
+    index_list = outcome.result.get("unexpected_index_list") or []
+    ids = [str(item["image_id"]) for item in index_list if isinstance(item, dict) and "image_id" in item]
+    failure = {
+        "name": name,
+        "severity": severity[name],
+        "expectation": f"{config.type}({', '.join(columns)})" if columns else config.type,
+        "description": rules[name].describe(),
+        "unexpected_count": outcome.result.get("unexpected_count"),
+        "observed_value": outcome.result.get("observed_value"),
+        "expected": {key: kwargs[key] for key in ("min_value", "max_value") if kwargs.get(key) is not None},
+        "image_ids": ids,
+        "unexpected_values": (outcome.result.get("unexpected_list") or [])[:50],
+    }
+    if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+        failure["error"] = outcome.exception_info.get("exception_message")
+    return _jsonable(failure)
+
+
+def _log_line(failure: dict[str, Any]) -> str:
+    """One line per failed expectation: severity, name, expectation and up to LOG_IDS image ids."""
+    head = f"FAILED {failure['severity']} {failure['name']} {failure['expectation']}"
+    if failure.get("error"):
+        return f"{head}: could not be evaluated ({failure['error']})"
+    ids = failure["image_ids"]
+    if ids:
+        distinct = list(dict.fromkeys(ids))  # a duplicated id is one id however many rows carry it
+        shown = ", ".join(distinct[:LOG_IDS])
+        more = ", ..." if len(distinct) > LOG_IDS else ""
+        return f"{head}: {len(ids)} image{'s' if len(ids) != 1 else ''}, e.g. {shown}{more}"
+    expected = ", ".join(f"{key} {value}" for key, value in failure["expected"].items())
+    return f"{head}: observed {failure['observed_value']!r}" + (f" ({expected})" if expected else "")
+
+
+_PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; width: 100%; } td, th { border: 1px solid #ccc; padding: .3rem .5rem;
+vertical-align: top; text-align: left; } th { background: #f3f3f3; }
+.critical { color: #b00020; font-weight: 600; } .warning { color: #a15c00; font-weight: 600; }
+.ok { color: #1b7f3b; } code { font-size: .9em; }
+"""
+
+
+def _report_page(summary: dict[str, Any], links: dict[str, str]) -> str:
+    """Render summary.json as one self-contained HTML page (no scripts, no external assets).
+
+    GX's Data Docs pull Bootstrap and jQuery from CDNs and fill their index with JavaScript; this
+    page stays readable offline and inside MLflow's artifact viewer, and links to them.
+    """
+    esc = html.escape
+    counts = summary["counts"]
+    verdict = "PASSED" if summary["success"] else "FAILED"
+    rows = []
+    for failure in summary["failed"]:
+        ids = list(dict.fromkeys(failure["image_ids"]))
+        shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} ids)" if len(ids) > 20 else "")
+        found = (f"{len(failure['image_ids'])} image(s): {shown}" if ids
+                 else f"observed {failure.get('error') or failure['observed_value']!r}")
+        rows.append(f"<tr><td class='{failure['severity']}'>{failure['severity']}</td>"
+                    f"<td><code>{esc(failure['name'])}</code></td><td>{esc(failure['description'])}<br>"
+                    f"<code>{esc(failure['expectation'])}</code></td><td>{esc(found)}</td></tr>")
+    header = "<tr><th>severity</th><th>name</th><th>expectation</th><th>offending images</th></tr>"
+    failed_table = (f"<table>{header}{''.join(rows)}</table>" if rows
+                    else "<p class='ok'>No expectation failed.</p>")
+    every = "".join(
+        f"<tr><td><code>{esc(e['name'])}</code></td><td>{e['severity']}</td>"
+        f"<td class='{'ok' if e['success'] else e['severity']}'>{'passed' if e['success'] else 'FAILED'}"
+        "</td></tr>" for e in summary["expectations"])
+    link_items = "".join(f"<li><a href='{esc(href)}'>{esc(text)}</a></li>" for text, href in links.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(summary['suite'])}: {verdict}</title>
+<style>{_PAGE_STYLE}</style></head><body>
+<h1>Data contract <code>{esc(summary['suite'])}</code>:
+<span class="{'ok' if summary['success'] else 'critical'}">{verdict}</span></h1>
+<p>Manifest <code>{esc(summary['manifest'])}</code>, checked {esc(summary['run_time'])}.
+{counts['images']} images of {counts['patients']} patients; {counts['expectations_evaluated']} expectations,
+{counts['failed_critical']} critical and {counts['failed_warning']} warning failures.
+Critical failures fail the stage; warnings are reported only.</p>
+<h2>Failed expectations</h2>{failed_table}
+<h2>Great Expectations Data Docs</h2><ul>{link_items}</ul>
+<h2>All expectations</h2><table><tr><th>name</th><th>severity</th><th>result</th></tr>{every}</table>
+</body></html>
+"""
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Put staging where target is, removing the old target only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateResult:
+    """Check a manifest and the files it points to against the data contract.
+
+    Args:
+        config: thresholds, allowed sizes, privacy tags, warning-level rule names, workers.
+        manifest: the Parquet manifest written by ingest.
+        report_out: folder to (re)write with `summary.json` and `data_docs/` (Great Expectations HTML).
+
+    Returns:
+        Success, exit code (1 when a critical expectation fails), counts and the report paths.
+
+    Raises:
+        UserError: the manifest is missing or unreadable, or the config names unknown rules or tags.
+    """
+    rules = contract(config)
+    severity = severities(config, rules)
+    for tag in config.privacy_tags:
+        if pydicom.datadict.tag_for_keyword(tag) is None:
+            raise UserError(f"validate: privacy tag {tag!r} is not a DICOM keyword")
+    frame = read_manifest(manifest)
+    jobs = [_Job(str(row.image_id), str(row.dicom_path), tuple(config.privacy_tags))
+            for row in frame[["image_id", "dicom_path"]].itertuples(index=False)]
+    workers = config.workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    facts = pd.DataFrame(list(_gather_facts(jobs, min(workers, max(len(jobs), 1)))),
+                         columns=fact_columns(config.privacy_tags), index=frame.index)
+    log.info("read %d DICOMs in %.1f s", len(jobs), time.perf_counter() - start)
+    table = _checked_table(frame, facts)
+
+    report_out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{report_out.name}.", dir=report_out.parent))
+    run_time = datetime.datetime.now(datetime.UTC)
+    try:
+        docs = staging / DATA_DOCS_DIR
+        validation = _build_suite_run(table, rules, severity, docs, f"validate-{manifest.stem}", run_time)
+        order = {rule.name: index for index, rule in enumerate(rules)}
+        outcomes = sorted(validation.results, key=lambda r: order[r.expectation_config.meta["name"]])
+        by_name = {rule.name: rule for rule in rules}
+        failures = [_describe_failure(o, by_name, severity) for o in outcomes if not o.success]
+        critical = [f for f in failures if f["severity"] == "critical"]
+        warnings = [f for f in failures if f["severity"] == "warning"]
+        success = not critical
+        summary = {
+            "success": success,
+            "suite": SUITE_NAME,
+            "manifest": str(manifest),
+            "run_time": run_time.isoformat(timespec="seconds"),
+            "report": INDEX_NAME,
+            "data_docs": f"{DATA_DOCS_DIR}/index.html",
+            "counts": {
+                "images": len(table),
+                "patients": int(table["patient_id"].nunique()),
+                "expectations_evaluated": len(outcomes),
+                "failed_critical": len(critical),
+                "failed_warning": len(warnings),
+            },
+            "failed": failures,
+            "expectations": [{"name": o.expectation_config.meta["name"],
+                              "severity": severity[o.expectation_config.meta["name"]],
+                              "success": bool(o.success)} for o in outcomes],
+        }
+        links = {"Data Docs home (needs internet for its styles and tables)": f"{DATA_DOCS_DIR}/index.html"}
+        for page in sorted(docs.glob("validations/**/*.html")):
+            links[f"Validation result: {page.parent.parent.name} {page.parent.name}"] = (
+                page.relative_to(staging).as_posix())
+        links.update({f"Expectation suite: {page.stem}": page.relative_to(staging).as_posix()
+                      for page in sorted(docs.glob("expectations/*.html"))})
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / INDEX_NAME).write_text(_report_page(summary, links))
+        _replace_folder(staging, report_out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+    for failure in critical:
+        log.error("%s", _log_line(failure))
+    for failure in warnings:
+        log.warning("%s", _log_line(failure))
+    verdict = "passed" if success else "FAILED"
+    log.info("validation %s: %d expectations, %d critical and %d warning failures; report %s",
+             verdict, len(outcomes), len(critical), len(warnings), report_out / INDEX_NAME)
+    return ValidateResult(success, 0 if success else 1, len(table), len(critical), len(warnings),
+                          report_out / SUMMARY_NAME, report_out / INDEX_NAME,
+                          report_out / DATA_DOCS_DIR / "index.html")

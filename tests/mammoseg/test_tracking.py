@@ -1,0 +1,97 @@
+"""The tracking module against real servers: basic-auth, unreachable servers, interrupted registration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import mlflow
+import pytest
+
+from mammoseg import tracking
+from mammoseg.errors import UserError
+from mammoseg.stages import register, train
+from tests.conftest import AUTH_ADMIN, REPO_ROOT, TINY_TRAIN, stage_config_for
+
+
+def test_basic_auth_needs_credentials_and_never_records_them(mlflow_auth_server, prepared_data, tmp_path,
+                                                             monkeypatch, caplog):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{mlflow_auth_server.url}/api/2.0/mlflow/experiments/search?max_results=1")
+    assert refused.value.code == 401
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_auth_server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", AUTH_ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUTH_ADMIN[1])
+    with caplog.at_level(logging.DEBUG):
+        result = train.run(stage_config_for("train", **{**TINY_TRAIN, "epochs": 1}), prepared_data.dataset,
+                           tmp_path / "model", tmp_path / "train.json")
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    recorded = json.dumps([run.data.params, run.data.tags]) + caplog.text
+    recorded += (tmp_path / "model" / "mlflow_run.json").read_text() + (tmp_path / "train.json").read_text()
+    assert AUTH_ADMIN[1] not in recorded
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with pytest.raises(UserError, match="refused the credentials"):
+        tracking.run_data(result.run_id)
+
+
+def test_unreachable_server_is_one_line_after_bounded_retries(prepared_data, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammoseg.cli", "--params", str(REPO_ROOT / "params.yaml"), "train",
+         "--dataset", str(prepared_data.dataset), "--model-out", str(tmp_path / "model"),
+         "--metrics-out", str(tmp_path / "m.json"), "--epochs", "1", "--num-workers", "0"],
+        capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mammoseg: error: MLflow tracking server http://127.0.0.1:9 unreachable")
+    assert "Traceback" not in proc.stderr
+
+
+def test_redacts_credentials_in_uris():
+    assert tracking._redact("http://user:pw@host:5000") == "http://***@host:5000"
+
+
+class _InterruptedError(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_registration_converges(trained_model, prepared_data, tracking_env, tmp_path, monkeypatch):
+    from mammoseg.stages import export
+
+    onnx_path = tmp_path / "onnx" / "model.onnx"
+    export.run(stage_config_for("export", int8=False, latency_repeats=1), trained_model, prepared_data.dataset,
+               onnx_path)
+    config = stage_config_for("register", name="mammoseg-interrupted")
+    client = mlflow.MlflowClient()
+
+    def upload_then_die(*args, **kwargs):
+        raise _InterruptedError("connection lost after the upload")
+
+    with monkeypatch.context() as patch:  # dies between the upload and the version
+        patch.setattr(tracking, "create_version", upload_then_die)
+        with pytest.raises(_InterruptedError):
+            register.run(config, onnx_path)
+    assert client.search_model_versions("name = 'mammoseg-interrupted'") == []
+
+    real_set_alias = tracking.set_alias
+    with monkeypatch.context() as patch:  # dies after the version, before aliases and the gate
+        patch.setattr(tracking, "set_alias", upload_then_die)
+        with pytest.raises(_InterruptedError):
+            register.run(config, onnx_path)
+    assert tracking.set_alias is real_set_alias
+    (half,) = client.search_model_versions("name = 'mammoseg-interrupted'")
+    assert "promotion_decision" not in half.tags
+
+    done = register.run(config, onnx_path)
+    assert (done.version, done.promoted) == (half.version, True)
+    assert len(client.search_model_versions("name = 'mammoseg-interrupted'")) == 1
+    assert client.get_model_version_by_alias("mammoseg-interrupted", "champion").version == half.version
