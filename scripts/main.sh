@@ -9,4 +9,5 @@ source scripts/venv.sh
 if [ ! -f data/inbreast/INbreast.csv ] && [ ! -f data/inbreast/INbreast.xls ]; then
     mammoseg synth --out data/inbreast
 fi
-mammoseg ingest --inbreast data/inbreast --manifest-out artifacts/manifest.parquet --masks-out artifacts/masks
+# The pipeline: every stage of dvc.yaml, each `mammoseg <stage>`; reruns only what changed.
+dvc repro
