@@ -91,6 +91,8 @@ class TrainConfig:
     warmup_epochs: int
     dice_weight: float
     bce_weight: float
+    bce_pos_weight: float
+    foreground_prior: float
     early_stopping_patience: int
     aug_vflip_prob: float
     aug_rotate_deg: float

@@ -97,7 +97,7 @@ def read_dataset(dataset_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float,
-                      bce_weight: float) -> torch.Tensor:
+                      bce_weight: float, bce_pos_weight: float = 1.0) -> torch.Tensor:
     """Per-class soft Dice (pooled over the batch) plus binary cross-entropy.
 
     Args:
@@ -105,6 +105,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
         target: (N, 2, H, W) masks in {0, 1}.
         dice_weight: weight of the mean soft-Dice loss over classes.
         bce_weight: weight of the mean binary cross-entropy.
+        bce_pos_weight: weight of lesion pixels in the cross-entropy (background pixels weigh 1).
 
     Returns:
         A scalar loss.
@@ -116,7 +117,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     denominator = probabilities.sum(dims) + target.sum(dims)
     # Smoothing of 1 px: a class absent from the batch and absent from the prediction scores ~1.
     soft_dice = (2 * intersection + 1) / (denominator + 1)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    pos_weight = torch.tensor(bce_pos_weight, device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
     return dice_weight * (1 - soft_dice.mean()) + bce_weight * bce
 
 
@@ -229,7 +231,12 @@ class _Trainer:
         self.device = select_device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
         _seed_everything(config.seed, config.deterministic)
-        self.network = LightUNet(**_architecture(config), checkpointing=config.checkpointing).to(self.device)
+        self.network = LightUNet(**_architecture(config), checkpointing=config.checkpointing)
+        # Start from the lesion prior instead of p = 0.5 everywhere: the first steps then learn where
+        # lesions are rather than that almost nothing is one (RetinaNet's prior initialisation).
+        prior_logit = math.log(config.foreground_prior / (1 - config.foreground_prior))
+        torch.nn.init.constant_(self.network.head.bias, prior_logit)
+        self.network = self.network.to(self.device)
         size = int(self.contract.get("size", 0)) or None
         if size is not None and size % self.network.size_multiple:
             raise UserError(f"{dataset_dir / DATASET_CONTRACT_FILE}: image size {size} is not a multiple of "
@@ -309,7 +316,7 @@ class _Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
                 logits = self.network(images)
-            loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight)
+            loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight, config.bce_pos_weight)
             self.scaler.scale(loss / config.grad_accum_steps).backward()
             if (step + 1) % config.grad_accum_steps == 0 or step + 1 == len(loader):
                 self.scaler.step(self.optimizer)
@@ -332,7 +339,8 @@ class _Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
                 logits = self.network(images)
-            total += float(segmentation_loss(logits, masks, self.config.dice_weight, self.config.bce_weight))
+            total += float(segmentation_loss(logits, masks, self.config.dice_weight, self.config.bce_weight,
+                                             self.config.bce_pos_weight))
             batches += 1
             predicted = (torch.sigmoid(logits.float()) >= 0.5).cpu().numpy()
             truth = masks.cpu().numpy() > 0.5

@@ -372,7 +372,7 @@ def _build_suite_run(table: pd.DataFrame, rules: Sequence[Rule], severity: dict[
     site = {
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", "show_cta_footer": False},
     }
     context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
