@@ -296,3 +296,15 @@ def mlflow_auth_server(s3_server, tmp_path_factory) -> Server:
                      f"{url}/health", env, root / "server.log", 90)
     yield Server(url, process, {"MLFLOW_TRACKING_URI": url})
     _stop(process)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests where no CUDA device is present (never fake them on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
