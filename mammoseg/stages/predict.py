@@ -28,7 +28,7 @@ from mammoseg.fileio import write_atomically
 from mammoseg.inbreast import parse_dicom_name
 from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
 from mammoseg.overlays import overlay_rgb, save_png
-from mammoseg.preprocessing import PreprocessParams, preprocess, to_original_grid
+from mammoseg.preprocessing import PreprocessParams, chest_wall_on_right, preprocess, to_original_grid
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,13 @@ def resolve_model(model: str, work_dir: Path) -> Path:
     return path
 
 
-def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray) -> tuple[str, str]:
+def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray,
+               params: PreprocessParams) -> tuple[str, str]:
     """Return the breast's laterality and where it came from.
 
     The flip rule of the contract: right breasts are flipped. Laterality comes from the DICOM header
-    (ImageLaterality/Laterality), else from an INbreast file name, else from the image itself (the
-    chest wall is the brighter, breast-covered side: INbreast images are not mirrored).
+    (ImageLaterality/Laterality), else from an INbreast file name, else from the image itself: the
+    breast found as preprocess finds it hangs from the chest-wall edge (INbreast is not mirrored).
     """
     if header_laterality in ("L", "R"):
         return header_laterality, "header"
@@ -76,9 +77,7 @@ def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray) ->
         return parse_dicom_name(path).laterality, "file name"
     except UserError:
         pass
-    width = max(pixels.shape[1] // 10, 1)
-    left, right = float(pixels[:, :width].mean()), float(pixels[:, -width:].mean())
-    return ("L" if left >= right else "R"), "image"
+    return ("R" if chest_wall_on_right(pixels, params) else "L"), "image"
 
 
 def _check_mammogram(path: Path) -> pydicom.Dataset:
@@ -126,7 +125,7 @@ def _predict_one(path: Path, session, params: PreprocessParams, threshold: float
                  out: Path, spec: dict[str, Any]) -> None:
     header = _check_mammogram(path)
     image = read_image(path, apply_voi=params.apply_voi)
-    side, source = laterality(path, image.laterality, image.pixels)
+    side, source = laterality(path, image.laterality, image.pixels, params)
     prepared = preprocess(image.pixels, side == "R", params)
     logits = session.run(prepared.image[None, None])[0]
     predicted = sigmoid(logits) >= threshold  # (2, size, size)

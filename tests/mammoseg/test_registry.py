@@ -161,3 +161,19 @@ def test_predict_user_errors_are_one_line(prepared_data, tracking_env, tmp_path,
                            {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
     assert unreachable.returncode == 2 and "unreachable" in unreachable.stderr.strip().splitlines()[-1]
     assert "Traceback" not in unreachable.stderr
+
+
+def test_laterality_falls_back_from_header_to_file_name_to_image(prepared_data, tmp_path):
+    from mammoseg.dicom import read_image
+    from mammoseg.preprocessing import PreprocessParams
+    from mammoseg.stages.predict import laterality
+
+    params = PreprocessParams.from_dict(json.loads((prepared_data.dataset / "dataset.json").read_text()))
+    right = next((prepared_data.inbreast / "AllDICOMs").glob("*_R_*.dcm"))
+    pixels = read_image(right, apply_voi=False).pixels
+    assert laterality(right, "L", pixels, params) == ("L", "header")
+    assert laterality(right, None, pixels, params) == ("R", "file name")
+    anonymous = tmp_path / "image.dcm"
+    shutil.copy(right, anonymous)
+    assert laterality(anonymous, None, pixels, params) == ("R", "image")
+    assert laterality(anonymous, None, pixels[:, ::-1], params) == ("L", "image")
