@@ -156,6 +156,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str, defaults: dic
         group.add_argument(*aliases, **kwargs)
 
 
+def _add_pipeline_parser(subparsers: Any) -> None:
+    """Add `mammoseg pipeline compile|run|submit`; pipelines.cli parses the action's options."""
+    pipeline = subparsers.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally (Docker), submit",
+                                     description="Compile the Kubeflow pipeline, run it locally with Docker or "
+                                     "submit it to a KFP endpoint; `mammoseg pipeline ACTION --help` lists "
+                                     "ACTION's options.")
+    pipeline.add_argument("action", choices=["compile", "run", "submit"])
+    pipeline.add_argument("pipeline_args", nargs=argparse.REMAINDER, metavar="...", help="the action's options")
+
+
 def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """Build the full `mammoseg` parser.
 
@@ -176,6 +186,7 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
                                     description="The paper's four network variants with our parameter counts "
                                     "next to the paper's, forward GFLOPs and saved activations at 1536x1536.")
     summary.add_argument("--json", action="store_true", dest="as_json", help="print JSON instead of a table")
+    _add_pipeline_parser(subparsers)
     for name, spec in STAGES.items():
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         for path in spec.paths:
@@ -247,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             model_summary.run(None, as_json=args.as_json)
             return 0
+        if args.command == "pipeline":
+            # The one place mammoseg reaches pipelines (and so kfp): lazily, for this subcommand only.
+            from mammoseg.config import default_params_path
+            from pipelines.cli import main as pipeline_main
+
+            return pipeline_main([args.action, *args.pipeline_args], params_path or default_params_path())
         return run_stage(args.command, args, params, params_path)
     except UserError as exc:
         # User errors are one line, no traceback: the message names the file and the problem.

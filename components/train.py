@@ -1,0 +1,31 @@
+"""train: LightUNet on the dataset, one MLflow run; resumes from the checkpoint in its model folder."""
+
+# No `from __future__ import annotations`: KFP reads the Input/Output annotations as objects.
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components.common import IMAGE, STAGE_COMMAND, stage_args
+
+METRICS_FILE = "train_metrics.json"
+
+
+@dsl.container_component
+def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifact], model: Output[Model],
+          metrics: Output[Artifact], image_digest: str):
+    """Run `mammoseg train`, tagging the MLflow run with the KFP run id.
+
+    A retried attempt that finds checkpoint.pt of the same config in the model folder resumes from it
+    (and continues the same MLflow run) instead of starting over.
+
+    Args:
+        params: the `train:` block of params.yaml (one-line JSON).
+        dataset: preprocess's dataset folder.
+        validation_report: validate's report folder, attached to the run.
+        model: folder with model.pt, checkpoint.pt, history.csv and mlflow_run.json.
+        metrics: folder with train_metrics.json (best epoch, validation Dice, threshold).
+        image_digest: the image's digest; unused by the command, part of KFP's cache key.
+    """
+    return dsl.ContainerSpec(image=IMAGE, command=STAGE_COMMAND, args=stage_args(
+        "train", params, "--dataset", dataset.path, "--model-out", model.path,
+        "--metrics-out", f"{metrics.path}/{METRICS_FILE}", "--validation-report", validation_report.path,
+        "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER))

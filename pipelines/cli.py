@@ -1,0 +1,129 @@
+"""`mammoseg pipeline compile|run|submit` (also `python -m pipelines ...`): the options and what they do.
+
+Reads params.yaml and data.dvc (the parameter defaults) and writes the compiled IR YAML; `run --local`
+runs it with Docker on this machine, `submit` sends it to a KFP endpoint. mammoseg's CLI only routes
+the subcommand here (a lazy import), so `mammoseg` itself never imports kfp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from components.common import IMAGE
+from pipelines.local import LocalRunError, image_digest, run_local
+from pipelines.settings import CompileInputs, SettingsError, load_compile_inputs, parse_set
+from pipelines.submit import SubmitError, submit
+from pipelines.training import compile_pipeline
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCAL_ROOT = Path("artifacts/kfp")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        help="override a params.yaml value before compiling (YAML value; repeatable), "
+                             "e.g. -S train.epochs=2 -S 'validate.allowed_sizes=[332x256, 408x332]'")
+    parser.add_argument("--image", default=None,
+                        help=f"image reference every task runs in (default: {IMAGE}, components/common.py)")
+    parser.add_argument("--image-digest", default=None,
+                        help="the image's digest (sha256:...), a cache-key parameter of every task")
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-uri", default=None, help="DVC remote of the raw data (default: pipeline.data_remote)")
+    parser.add_argument("--data-hash", default=None, help="directory hash of the raw data (default: data.dvc's)")
+    parser.add_argument("--package", type=Path, default=None,
+                        help="compiled IR YAML to use as it is (no --set); default: compile params.yaml now")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of `mammoseg pipeline`."""
+    parser = argparse.ArgumentParser(prog="mammoseg pipeline",
+                                     description="The Kubeflow pipeline: compile it, run it locally in Docker, "
+                                     "or submit it to a KFP endpoint. Defaults come from params.yaml.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="<action>")
+    compile_ = actions.add_parser("compile", help="write the pipeline's IR YAML")
+    compile_.add_argument("--output", type=Path, required=True, help="IR YAML to write")
+    _common(compile_)
+
+    run = actions.add_parser("run", help="run the pipeline on this machine (kfp.local.DockerRunner)")
+    run.add_argument("--local", action="store_true", required=True,
+                     help="run with Docker on this machine, containers on the host network (required; "
+                          "a cluster run is `submit`)")
+    run.add_argument("--pipeline-root", type=Path, default=DEFAULT_LOCAL_ROOT,
+                     help=f"where task outputs go (default: {DEFAULT_LOCAL_ROOT})")
+    run.add_argument("--cache", action="store_true", help="reuse outputs of earlier identical local tasks")
+    _common(run)
+    _run_args(run)
+
+    sub = actions.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint (kfp.Client)")
+    sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.org/pipeline")
+    sub.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user deployments)")
+    sub.add_argument("--experiment", default=None, help="KFP experiment (default: pipeline.experiment)")
+    sub.add_argument("--run-name", default=None, help="run name (default: the pipeline's name)")
+    sub.add_argument("--recurring", metavar="CRON", default=None,
+                     help="create a recurring run on this 6-field cron schedule (e.g. '0 0 3 * * 1')")
+    sub.add_argument("--max-concurrency", type=int, default=1, help="recurring runs allowed at once")
+    _common(sub)
+    _run_args(sub)
+    return parser
+
+
+def _inputs(args: argparse.Namespace, params_path: Path | None) -> CompileInputs:
+    return load_compile_inputs(params_path, parse_set(args.overrides))
+
+
+def _arguments(args: argparse.Namespace, digest: str | None) -> dict[str, str]:
+    """Pipeline parameter values given on the command line (the rest keep the package's defaults)."""
+    values = {"data_uri": args.data_uri, "data_hash": args.data_hash, "image_digest": digest}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _package(args: argparse.Namespace, params_path: Path | None, out: Path, digest: str | None) -> Path:
+    """Return the IR YAML to run: --package as it is, else params.yaml compiled to `out`."""
+    if args.package is not None:
+        if args.overrides:
+            raise SettingsError("--set changes the compile-time defaults; it cannot apply to --package")
+        return args.package
+    return compile_pipeline(out, _inputs(args, params_path), args.image, digest or "")
+
+
+def main(argv: Sequence[str], params_path: Path | None = None) -> int:
+    """Run `mammoseg pipeline <action> ...`; return the exit code (2 with a one-line error)."""
+    args = build_parser().parse_args(list(argv))
+    try:
+        if args.action == "compile":
+            inputs = _inputs(args, params_path)
+            path = compile_pipeline(args.output, inputs, args.image, args.image_digest or "")
+            sys.stdout.write(f"{path}\n")
+            return 0
+        if args.action == "run":
+            image = args.image or IMAGE
+            digest = args.image_digest or image_digest(image)
+            inputs = _inputs(args, params_path)
+            package = _package(args, params_path, args.pipeline_root / f"{inputs.pipeline.name}.yaml", digest)
+            log.info("running %s locally in %s (%s)", package, image, digest)
+            result = run_local(package, args.pipeline_root, image, _arguments(args, digest), os.environ,
+                               inputs.pipeline.shm_size, cache=args.cache)
+            sys.stdout.write(f"{result.decision}\n")
+            return 0
+        inputs = _inputs(args, params_path)
+        if not args.image_digest:
+            log.warning("no --image-digest: KFP's cache cannot tell a rebuilt image under the same tag")
+        with tempfile.TemporaryDirectory() as tmp:
+            package = _package(args, params_path, Path(tmp) / "pipeline.yaml", args.image_digest)
+            done = submit(package, args.host, args.experiment or inputs.pipeline.experiment,
+                          _arguments(args, args.image_digest), args.run_name or inputs.pipeline.name,
+                          namespace=args.namespace, schedule=args.recurring, max_concurrency=args.max_concurrency)
+        sys.stdout.write(f"{done.kind} {done.id} (experiment {done.experiment})\n")
+        return 0
+    except (SettingsError, LocalRunError, SubmitError) as exc:
+        sys.stderr.write(f"mammoseg pipeline: error: {exc}\n")
+        return 2

@@ -1,0 +1,141 @@
+"""Compile-time settings: reads params.yaml (the stage blocks and `pipeline:`) and data.dvc.
+
+The pipeline's defaults are taken from here when it is compiled: each stage's params.yaml block
+becomes the default of one pipeline parameter (one-line JSON), the data hash comes from data.dvc, and the
+`pipeline:` block sets names, resources, retries and secrets. `--set stage.key=value` edits a block
+before that, like `dvc exp run -S`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import STAGE_COMPONENTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Environment variables the stages read, by the Kubernetes secret that provides them (keys = names).
+# The local run forwards the same names from the caller's environment.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")
+
+
+class SettingsError(ValueError):
+    """A params.yaml, data.dvc or --set problem, as one line naming the file or the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """The `pipeline:` block of params.yaml, typed; no defaults here (params.yaml holds them)."""
+
+    name: str
+    data_remote: str
+    mlflow_secret: str
+    s3_secret: str
+    cpu_request: str
+    memory_request: str
+    train_cpu_request: str
+    train_memory_request: str
+    train_memory_limit: str
+    accelerator_type: str
+    accelerator_limit: int
+    shm_size: str
+    train_retries: int
+    retry_backoff: str
+    retry_backoff_max: str
+    experiment: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileInputs:
+    """Everything the pipeline's definition takes from the repository at compile time.
+
+    Attributes:
+        pipeline: the `pipeline:` block.
+        stage_params: stage name -> its params.yaml block as one-line JSON (the parameter defaults).
+        data_hash: the directory hash of data/inbreast from data.dvc ("" when there is none).
+    """
+
+    pipeline: PipelineSettings
+    stage_params: dict[str, str]
+    data_hash: str
+
+
+def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
+    """Parse `stage.key=value` overrides; values are YAML (`8`, `true`, `[332x256, 408x332]`)."""
+    overrides: dict[str, Any] = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or "." not in key:
+            raise SettingsError(f"--set {text!r}: expected STAGE.KEY=VALUE (e.g. train.epochs=2)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"--set {text!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+    return overrides
+
+
+def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of params with `block.key` overrides applied; a key must already exist."""
+    result = {name: dict(block) if isinstance(block, dict) else block for name, block in params.items()}
+    for dotted, value in overrides.items():
+        block_name, key = dotted.split(".", 1)
+        block = result.get(block_name)
+        if not isinstance(block, dict) or key not in block:
+            raise SettingsError(f"--set {dotted}: params.yaml has no '{block_name}: {key}:' to override")
+        block[key] = value
+    return result
+
+
+def read_data_hash(data_dvc: Path) -> str:
+    """Return the directory hash (`outs[0].md5`) recorded in a .dvc file, "" when the file is absent."""
+    if not data_dvc.is_file():
+        return ""
+    try:
+        outs = (yaml.safe_load(data_dvc.read_text()) or {}).get("outs") or []
+        return str(outs[0]["md5"])
+    except (yaml.YAMLError, AttributeError, IndexError, KeyError, TypeError):
+        raise SettingsError(f"{data_dvc}: no outs[0].md5 (not a .dvc file of one directory)") from None
+
+
+def load_compile_inputs(params_path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                        data_dvc: Path | None = None) -> CompileInputs:
+    """Read params.yaml (with overrides) and data.dvc into the pipeline's compile-time inputs.
+
+    Args:
+        params_path: params.yaml; default the repository's own.
+        overrides: `block.key` -> value, applied before anything is read from the blocks.
+        data_dvc: the .dvc file of the raw data; default data.dvc beside params.yaml.
+
+    Raises:
+        SettingsError: a file is missing or malformed, a block or key does not exist.
+    """
+    params_path = params_path or REPO_ROOT / "params.yaml"
+    try:
+        params = yaml.safe_load(params_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{params_path}: cannot read ({str(exc).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise SettingsError(f"{params_path}: expected a mapping of blocks")
+    params = apply_overrides(params, overrides or {})
+    block = params.get("pipeline")
+    fields = {f.name for f in dataclasses.fields(PipelineSettings)}
+    if not isinstance(block, dict) or set(block) != fields:
+        have = set(block) if isinstance(block, dict) else set()
+        raise SettingsError(f"{params_path}: 'pipeline:' block needs exactly the keys {sorted(fields)} "
+                            f"(missing {sorted(fields - have)}, unknown {sorted(have - fields)})")
+    stage_params = {}
+    for stage in STAGE_COMPONENTS:
+        if not isinstance(params.get(stage), dict):
+            raise SettingsError(f"{params_path}: no '{stage}:' block")
+        # One line of JSON (which is YAML): KFP's IR header repeats every default in a `#` comment, and a
+        # multi-line default would break the YAML out of that comment.
+        stage_params[stage] = json.dumps({stage: params[stage]}, separators=(",", ":"))
+    data_dvc = data_dvc or params_path.parent / "data.dvc"
+    return CompileInputs(PipelineSettings(**block), stage_params, read_data_hash(data_dvc))

@@ -1,0 +1,116 @@
+"""The training pipeline: data -> ingest -> validate -> preprocess -> train -> evaluate -> export -> register.
+
+Reads params.yaml and data.dvc (through pipelines.settings) when the pipeline is built; writes the
+KFP IR YAML. Every task runs the project image; nothing here imports torch or mammoseg.
+
+Pipeline parameters:
+    data_uri, data_hash: the DVC remote and the directory hash of the raw data. The hash is what
+        KFP's cache sees: the same hash is the same bytes.
+    image_digest: the image's content digest (sha256:...). KFP's cache ignores mutable image tags, so
+        every task takes the digest as an input: a rebuilt image under the same tag re-runs the tasks.
+    <stage>_params: the stage's params.yaml block as one-line JSON, one per stage, so a changed block
+        re-runs its stage and what depends on it, and nothing upstream.
+
+Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
+Kubernetes secrets as environment variables (never parameters); train asks for one GPU, CPUs,
+memory and a Memory-backed /dev/shm for its data-loader workers, and is retried with exponential
+backoff (an attempt that finds the previous attempt's checkpoint.pt in its model folder resumes from
+it and continues the same MLflow run; kfp.local retries in the same folder); register is never cached
+(it acts on the registry's current state).
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as objects.
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+
+from components import data, evaluate, export, ingest, preprocess, register, train, validate
+from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs
+
+DESCRIPTION = ("Full-resolution mammography segmentation (LightUNet on INbreast): ingest, validate, preprocess, "
+               "train, evaluate, export to ONNX, register in MLflow with a promotion gate.")
+
+
+def _with_secret(task: dsl.PipelineTask, secret: str, names: tuple[str, ...]) -> dsl.PipelineTask:
+    """Expose the secret's keys (named like the variables) as the task's environment variables."""
+    return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={n: n for n in names})
+
+
+def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Any:
+    """Define the pipeline with its parameters' defaults taken from the compile-time inputs.
+
+    Args:
+        inputs: params.yaml's blocks and data.dvc's hash, read by pipelines.settings.
+        image: an image reference to run every task in instead of components.common.IMAGE.
+        image_digest: the default of the image_digest parameter.
+
+    Returns:
+        The pipeline (a KFP graph component), ready for the compiler or a local run.
+    """
+    settings = inputs.pipeline
+    defaults = inputs.stage_params
+
+    def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+        task.set_display_name(name).set_cpu_request(settings.cpu_request).set_memory_request(settings.memory_request)
+        if image:
+            task.set_container_image(image)
+        return task
+
+    @dsl.pipeline(name=settings.name, description=DESCRIPTION)
+    def mammoseg_training(
+        data_uri: str = settings.data_remote,
+        data_hash: str = inputs.data_hash,
+        image_digest: str = image_digest,
+        ingest_params: str = defaults["ingest"],
+        validate_params: str = defaults["validate"],
+        preprocess_params: str = defaults["preprocess"],
+        train_params: str = defaults["train"],
+        evaluate_params: str = defaults["evaluate"],
+        export_params: str = defaults["export"],
+        register_params: str = defaults["register"],
+    ) -> dsl.Artifact:
+        raw = configure(data(data_uri=data_uri, data_hash=data_hash, image_digest=image_digest), "data")
+        _with_secret(raw, settings.s3_secret, S3_ENV)
+
+        ingested = configure(ingest(params=ingest_params, inbreast=raw.outputs["inbreast"],
+                                    image_digest=image_digest), "ingest")
+        validated = configure(validate(params=validate_params, manifest=ingested.outputs["manifest"],
+                                       image_digest=image_digest), "validate")
+        # preprocess reads only ingest's outputs, but runs on validated data only: a failed validate
+        # (exit 1) fails the run here.
+        prepared = configure(preprocess(params=preprocess_params, manifest=ingested.outputs["manifest"],
+                                        masks=ingested.outputs["masks"], image_digest=image_digest), "preprocess")
+        prepared.after(validated)
+
+        trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
+                                  validation_report=validated.outputs["report"], image_digest=image_digest), "train")
+        trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
+        trained.set_memory_limit(settings.train_memory_limit)
+        trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)
+        kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=settings.shm_size)
+        trained.set_retry(num_retries=settings.train_retries, backoff_duration=settings.retry_backoff,
+                          backoff_factor=2.0, backoff_max_duration=settings.retry_backoff_max)
+
+        evaluated = configure(evaluate(params=evaluate_params, dataset=prepared.outputs["dataset"],
+                                       model=trained.outputs["model"], image_digest=image_digest), "evaluate")
+        exported = configure(export(params=export_params, model=trained.outputs["model"],
+                                    dataset=prepared.outputs["dataset"], image_digest=image_digest), "export")
+        registered = configure(register(params=register_params, onnx=exported.outputs["onnx"],
+                                        image_digest=image_digest), "register")
+        # The promotion gate reads the test metric that evaluate logged to the training run.
+        registered.after(evaluated)
+        registered.set_caching_options(enable_caching=False)
+        for task in (trained, evaluated, exported, registered):
+            _with_secret(task, settings.mlflow_secret, MLFLOW_ENV)
+        return registered.outputs["decision"]
+
+    return mammoseg_training
+
+
+def compile_pipeline(output: Path, inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Path:
+    """Compile the pipeline to KFP's IR YAML at `output` (parents created); return the path."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(inputs, image, image_digest), str(output))
+    return output

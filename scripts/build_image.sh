@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Build the project image without any container registry: a debootstrapped Debian base imported into
+# the engine, Python packages from a wheelhouse prepared beforehand, then `docker build` offline.
+#
+#   scripts/build_image.sh [--variant cpu|cuda] [--base IMAGE] [--wheelhouse-only] [--tag-file FILE]
+#
+# Steps (each skipped when its result is already there):
+#   1. base:       debootstrap Debian bookworm (python3.11, the version of the wheels) -> `docker import`
+#                  as mammoseg-debian:bookworm. --base IMAGE uses an image already in the engine instead
+#                  (e.g. a CUDA runtime base loaded with `docker load` on an air-gapped site).
+#   2. wheelhouse: build/wheelhouse/<variant>/deps holds a wheel for every runtime dependency, pinned to
+#                  the versions of the tested .venv (`pip freeze` as constraints); sdists are built into
+#                  wheels here, so the image needs no compiler. project/ holds the mammoseg wheel.
+#                  This is the only step that needs a package index (PyPI or a mirror; pip's own
+#                  config, CA bundle and find-links apply).
+#   3. image:      `docker build --network none`; tagged mammoseg:<variant>-<content hash> and
+#                  mammoseg:<variant>. The content hash covers the Dockerfile, the base image id, the
+#                  pinned requirements and every file that goes into the project wheel, so an image
+#                  whose inputs did not change is found by its tag and not rebuilt.
+# Prints the content-hash tag on stdout (and writes it to --tag-file); progress goes to stderr.
+# Needs a running engine (scripts/docker_engine.sh start) and, for the base, root and debootstrap.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+variant=cpu
+base=""
+wheelhouse_only=false
+tag_file=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --variant) variant="$2"; shift 2 ;;
+        --base) base="$2"; shift 2 ;;
+        --wheelhouse-only) wheelhouse_only=true; shift ;;
+        --tag-file) tag_file="$2"; shift 2 ;;
+        *) echo "usage: $0 [--variant cpu|cuda] [--base IMAGE] [--wheelhouse-only] [--tag-file FILE]" >&2; exit 2 ;;
+    esac
+done
+case "$variant" in cpu|cuda) ;; *) echo "build_image.sh: --variant must be cpu or cuda" >&2; exit 2 ;; esac
+
+python="$repo_root/.venv/bin/python"
+[ -x "$python" ] || { echo "build_image.sh: no .venv; run scripts/venv.sh first" >&2; exit 1; }
+suite=bookworm                       # Debian 12: python3.11, the interpreter the wheels are built for
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+base_tag="mammoseg-debian:$suite"
+build_dir="$repo_root/build"
+wheelhouse="$build_dir/wheelhouse/$variant"
+say() { echo "build_image.sh: $*" >&2; }
+
+# build/ is git-ignored by its own .gitignore, so no shared ignore file needs an entry for it.
+mkdir -p "$build_dir"
+[ -f "$build_dir/.gitignore" ] || echo '*' > "$build_dir/.gitignore"
+
+# --- 2a. the pinned runtime requirements (cheap; part of the content hash) ------------------------------
+mkdir -p "$wheelhouse"
+# Constraints: the exact versions of the tested environment, minus the project itself.
+"$python" -m pip freeze --exclude-editable | grep -v -i -E '^(mammoseg|pip|setuptools|wheel)[= @]' \
+    > "$wheelhouse/constraints.txt.new"
+# Requirements: the project's runtime dependencies (no dev extras), plus the variant's own.
+"$python" - "$variant" > "$wheelhouse/requirements.in.new" <<'EOF'
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+requirements = list(project["dependencies"])
+if sys.argv[1] == "cuda":
+    requirements = [r for r in requirements if not r.startswith("onnxruntime")]
+    requirements += project["optional-dependencies"]["gpu"]
+print("\n".join(requirements))
+EOF
+if [ "$variant" = cuda ]; then
+    # The CUDA build of torch is PyPI's default linux wheel (it pulls the nvidia-*-cu12 runtime wheels);
+    # drop the CPU pin (+cpu local version) and the onnxruntime pin that onnxruntime-gpu replaces.
+    sed -i -E '/^(torch|onnxruntime)==/d' "$wheelhouse/constraints.txt.new"
+fi
+for f in constraints.txt requirements.in; do
+    if ! cmp -s "$wheelhouse/$f.new" "$wheelhouse/$f"; then
+        mv "$wheelhouse/$f.new" "$wheelhouse/$f"
+        rm -rf "$wheelhouse/deps"          # pins changed: resolve the wheelhouse again
+    else
+        rm "$wheelhouse/$f.new"
+    fi
+done
+
+# --- 1. the base image ------------------------------------------------------------------------------------
+if [ -z "$base" ]; then
+    base="$base_tag"
+    if ! docker image inspect "$base" >/dev/null 2>&1 && [ "$wheelhouse_only" = false ]; then
+        command -v debootstrap >/dev/null || { say "debootstrap missing (scripts/docker_engine.sh start installs it)"; exit 1; }
+        rootfs="$(mktemp -d /tmp/mammoseg-rootfs.XXXXXX)"
+        trap 'rm -rf "$rootfs"' EXIT
+        say "debootstrap $suite from $mirror (minbase + python3.11)"
+        # minbase: dpkg, apt and the essential set only; python3-venv brings ensurepip (pip, offline).
+        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+            "$suite" "$rootfs" "$mirror" >&2
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+            "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
+        tar --numeric-owner -C "$rootfs" -c . | docker import --change 'CMD ["/bin/bash"]' \
+            --change 'ENV LANG=C.UTF-8' - "$base" >&2
+        rm -rf "$rootfs"
+        trap - EXIT
+    fi
+fi
+
+# --- 3a. the content hash and the tag ---------------------------------------------------------------------
+base_id="$(docker image inspect --format '{{.Id}}' "$base" 2>/dev/null || echo "no-base-yet")"
+content_hash="$(
+    {
+        echo "variant=$variant base=$base_id"
+        sha256sum Dockerfile .dockerignore "$wheelhouse/constraints.txt" "$wheelhouse/requirements.in" \
+            pyproject.toml params.yaml
+        find mammoseg model components pipelines -name '*.py' -o -name 'py.typed' | LC_ALL=C sort | xargs sha256sum
+    } | sha256sum | cut -c1-12
+)"
+tag="mammoseg:$variant-$content_hash"
+if [ "$wheelhouse_only" = false ] && docker image inspect "$tag" >/dev/null 2>&1; then
+    say "$tag is up to date"
+    docker tag "$tag" "mammoseg:$variant"
+    [ -z "$tag_file" ] || echo "$tag" > "$tag_file"
+    echo "$tag"
+    exit 0
+fi
+
+# --- 2b. the wheelhouse ------------------------------------------------------------------------------------
+if [ ! -f "$wheelhouse/deps/requirements.lock" ]; then
+    say "wheelhouse: resolving and downloading the $variant runtime dependencies"
+    rm -rf "$wheelhouse/deps.tmp"
+    if [ "$variant" = cuda ]; then
+        torch_pin="torch==2.13.0,!=2.13.0+cpu"   # PyPI's CUDA build, never a local +cpu wheel
+    else
+        torch_pin="torch==2.13.0"                # the CPU build (the constraints pin +cpu)
+    fi
+    "$python" -m pip wheel --quiet --wheel-dir "$wheelhouse/deps.tmp" -c "$wheelhouse/constraints.txt" \
+        -r "$wheelhouse/requirements.in" "$torch_pin" >&2
+    # The lock: exactly the wheels resolved, name==version, what the image installs.
+    "$python" - "$wheelhouse/deps.tmp" > "$wheelhouse/deps.tmp/requirements.lock" <<'EOF'
+import pathlib, sys
+lines = set()
+for wheel in pathlib.Path(sys.argv[1]).glob("*.whl"):
+    name, version = wheel.name.split("-")[:2]
+    lines.add(f"{name.replace('_', '-').lower()}=={version}")
+print("\n".join(sorted(lines)))
+EOF
+    rm -rf "$wheelhouse/deps"
+    mv "$wheelhouse/deps.tmp" "$wheelhouse/deps"
+fi
+say "wheelhouse: building the mammoseg wheel"
+rm -rf "$wheelhouse/project"
+"$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheelhouse/project" "$repo_root" >&2
+rm -rf "$repo_root/build/lib" "$repo_root/build/bdist."*     # setuptools' scratch, not ours to keep
+[ "$wheelhouse_only" = false ] || { say "wheelhouse ready in $wheelhouse"; exit 0; }
+
+# --- 3b. the image -----------------------------------------------------------------------------------------
+say "docker build $tag (base $base)"
+# --network none: the build reads only the context (wheelhouse); nothing is fetched.
+docker build --network none --build-arg "BASE=$base" --build-arg "VARIANT=$variant" \
+    --build-arg "WHEELHOUSE=build/wheelhouse/$variant" --label "org.opencontainers.image.revision=$content_hash" \
+    --tag "$tag" --tag "mammoseg:$variant" "$repo_root" >&2
+[ -z "$tag_file" ] || echo "$tag" > "$tag_file"
+echo "$tag"

@@ -1,0 +1,192 @@
+"""The compiled pipeline: stages, dependencies, the GPU request, retries, secrets, caching parameters.
+
+Reads the IR YAML that `mammoseg pipeline compile` writes (what a KFP cluster receives).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mammoseg.cli import PIPELINE_STAGES, main
+from tests.conftest import REPO_ROOT
+
+PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+SETTINGS = PARAMS["pipeline"]
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec) compiled through the CLI with one override."""
+    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    assert main(["pipeline", "compile", "--output", str(out), "--set", "train.epochs=3",
+                 "--image-digest", "sha256:" + "ab" * 32]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> dict:
+    return spec["root"]["dag"]["tasks"]
+
+
+def test_every_stage_runs_in_order_after_the_data(ir):
+    spec, _ = ir
+    tasks = _tasks(spec)
+    assert set(tasks) == {"data", *PIPELINE_STAGES}
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert depends == {"data": set(), "ingest": {"data"}, "validate": {"ingest"},
+                       "preprocess": {"ingest", "validate"}, "train": {"preprocess", "validate"},
+                       "evaluate": {"preprocess", "train"}, "export": {"preprocess", "train"},
+                       "register": {"export", "evaluate"}}
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"mammoseg:cpu"}
+
+
+def test_train_requests_a_gpu_resources_and_retries(ir):
+    spec, platform = ir
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "1"
+    assert resources["resourceCpuRequest"] == SETTINGS["train_cpu_request"]
+    assert resources["resourceMemoryRequest"] == SETTINGS["train_memory_request"]
+    assert resources["resourceMemoryLimit"] == SETTINGS["train_memory_limit"]
+    assert _tasks(spec)["train"]["retryPolicy"] == {
+        "maxRetryCount": SETTINGS["train_retries"], "backoffDuration": SETTINGS["retry_backoff"],
+        "backoffFactor": 2.0, "backoffMaxDuration": SETTINGS["retry_backoff_max"]}
+    assert platform["exec-train"]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": SETTINGS["shm_size"], "volumeName": "dshm"}]
+    # Only train asks for a GPU.
+    others = [e for name, e in spec["deploymentSpec"]["executors"].items() if name != "exec-train"]
+    assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
+
+
+def test_secrets_are_environment_never_parameters(ir):
+    spec, platform = ir
+    mlflow_keys = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    for stage in ("train", "evaluate", "export", "register"):
+        (secret,) = platform[f"exec-{stage}"]["secretAsEnv"]
+        assert secret["secretName"] == SETTINGS["mlflow_secret"]
+        assert [(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]] == [(k, k) for k in mlflow_keys]
+    (secret,) = platform["exec-data"]["secretAsEnv"]
+    assert secret["secretName"] == SETTINGS["s3_secret"]
+    assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    text = json.dumps(parameters).upper()
+    assert not any(word in text for word in ("PASSWORD", "SECRET", "ACCESS_KEY", "TRACKING_URI"))
+
+
+def test_caching_parameters_reach_every_task(ir):
+    spec, _ = ir
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    data_dvc = yaml.safe_load((REPO_ROOT / "data.dvc").read_text())
+    assert parameters["data_hash"]["defaultValue"] == data_dvc["outs"][0]["md5"]
+    assert parameters["data_uri"]["defaultValue"] == SETTINGS["data_remote"]
+    assert parameters["image_digest"]["defaultValue"] == "sha256:" + "ab" * 32
+    tasks = _tasks(spec)
+    for name, task in tasks.items():
+        assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": "image_digest"}, name
+    assert tasks["data"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
+    # Everything downstream of the data is keyed on it through the artifacts; register acts on the
+    # registry's current state and is never served from the cache.
+    assert {n for n, t in tasks.items() if t["cachingOptions"].get("enableCache")} == set(tasks) - {"register"}
+
+
+def test_each_stage_gets_its_own_params_block(ir):
+    spec, _ = ir
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    for stage in PIPELINE_STAGES:
+        assert _tasks(spec)[stage]["inputs"]["parameters"]["params"] == {
+            "componentInputParameter": f"{stage}_params"}
+        block = json.loads(parameters[f"{stage}_params"]["defaultValue"])
+        expected = dict(PARAMS[stage], epochs=3) if stage == "train" else PARAMS[stage]
+        assert block == {stage: expected}
+
+
+def test_compiling_imports_no_torch(tmp_path):
+    code = ("import sys; from pathlib import Path; from mammoseg.cli import main; "
+            f"assert main(['pipeline', 'compile', '--output', {str(tmp_path / 'p.yaml')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "from pipelines.settings import load_compile_inputs; from pipelines.training import compile_pipeline; "
+            f"compile_pipeline(Path({str(tmp_path / 'q.yaml')!r}), load_compile_inputs()); "
+            "assert 'torch' not in sys.modules and 'mammoseg.stages' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "p.yaml").read_text() == (tmp_path / "q.yaml").read_text()
+
+
+def test_image_reference_is_replaced_on_every_task(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.local/mammoseg:cuda-1"}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.no_such_key=1", "params.yaml has no 'train: no_such_key:'"),
+    ("epochs=3", "expected STAGE.KEY=VALUE"),
+    ("train.epochs=[1", "the value is not YAML"),
+])
+def test_bad_overrides_are_one_line_errors(override, message, tmp_path, capsys):
+    assert main(["pipeline", "compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+class _FakeClient:
+    """Records what submit() asks of kfp.Client (no KFP API server here)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_experiment(self, name, namespace=None):
+        self.calls.append(("experiment", name))
+        return type("Experiment", (), {"experiment_id": "exp-1"})()
+
+    def create_run_from_pipeline_package(self, package, **kwargs):
+        self.calls.append(("run", package, kwargs))
+        return type("Run", (), {"run_id": "run-1"})()
+
+    def create_recurring_run(self, **kwargs):
+        self.calls.append(("recurring", kwargs))
+        return type("RecurringRun", (), {"recurring_run_id": "rec-1"})()
+
+
+def test_submit_creates_a_run_or_a_recurring_run(tmp_path):
+    from pipelines.submit import submit
+
+    package = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--output", str(package)]) == 0
+    client = _FakeClient()
+    done = submit(package, "http://kfp", "mammoseg", {"data_hash": "h.dir"}, "nightly", client=client)
+    assert (done.kind, done.id, done.experiment) == ("run", "run-1", "exp-1")
+    assert client.calls[1][2]["arguments"] == {"data_hash": "h.dir"}
+    assert client.calls[1][2]["experiment_id"] == "exp-1"
+    done = submit(package, "http://kfp", "mammoseg", {}, "nightly", schedule="0 0 3 * * 1", client=client)
+    assert (done.kind, done.id) == ("recurring run", "rec-1")
+    recurring = client.calls[-1][1]
+    assert recurring["cron_expression"] == "0 0 3 * * 1" and recurring["pipeline_package_path"] == str(package)
+    assert recurring["experiment_id"] == "exp-1" and recurring["max_concurrency"] == 1
+
+
+def test_local_run_helpers():
+    from pipelines.local import docker_size, forwarded_environment
+
+    assert docker_size("8Gi") == "8g" and docker_size("512Mi") == "512m"
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ACCESS_KEY_ID": "k", "HOME": "/root",
+           "MLFLOW_TRACKING_PASSWORD": ""}
+    assert forwarded_environment(env) == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ACCESS_KEY_ID": "k"}
+
+
+def test_submit_to_an_unreachable_endpoint_is_a_one_line_error(tmp_path, capsys):
+    from tests.conftest import free_port
+
+    host = f"http://127.0.0.1:{free_port()}"
+    assert main(["pipeline", "submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mammoseg pipeline: error: KFP endpoint {host} unreachable")
