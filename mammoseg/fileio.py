@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,3 +33,22 @@ def sha256_of(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put a fully written staging folder where target is.
+
+    The old target is renamed aside before the new one takes its name and deleted only afterwards,
+    so at every moment either the old or the new folder is complete.
+
+    Args:
+        staging: the new folder, on the same filesystem as target.
+        target: the folder to replace (may not exist yet).
+    """
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from mammoseg import __version__
 from mammoseg.config import SynthConfig
 from mammoseg.errors import UserError
+from mammoseg.fileio import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -1240,7 +1241,7 @@ def synthesize(out_dir: Path, cases: int, seed: int, scale: float, workers: int 
         marker = {"generator": "mammoseg synth", "version": __version__, "cases": cases, "seed": seed,
                   "scale": scale}
         (work_dir / MARKER_NAME).write_text(json.dumps(marker, sort_keys=True) + "\n")
-        _replace(work_dir, out_dir)
+        replace_folder(work_dir, out_dir)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
@@ -1292,17 +1293,6 @@ def _render_all(tasks: list[_ImageTask], workers: int) -> list[SynthImage]:
                         future.cancel()
                     raise
     return [results[task.index] for task in tasks]
-
-
-def _replace(work_dir: Path, out_dir: Path) -> None:
-    """Move the finished dataset into place, replacing an empty folder or a previous synth output."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.synth-old-{os.getpid()}"
-        out_dir.rename(old)
-    work_dir.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def run(config: SynthConfig, out: Path) -> SynthResult:

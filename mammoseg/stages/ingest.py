@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mammoseg.config import IngestConfig
 from mammoseg.errors import UserError
-from mammoseg.fileio import sha256_of, write_atomically
+from mammoseg.fileio import replace_folder, sha256_of, write_atomically
 from mammoseg.inbreast import (
     DICOM_DIR,
     XML_DIR,
@@ -235,9 +235,7 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
         write_atomically(manifest_out, lambda tmp: manifest.to_parquet(tmp, index=False))
         rejected_path = rejected_list_path(manifest_out)
         write_atomically(rejected_path, lambda tmp: rejected_frame.to_csv(tmp, index=False))
-        if masks_out.exists():
-            shutil.rmtree(masks_out)
-        staging.rename(masks_out)
+        replace_folder(staging, masks_out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

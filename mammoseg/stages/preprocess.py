@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mammoseg.config import PreprocessConfig
 from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
-from mammoseg.fileio import sha256_of, write_atomically
+from mammoseg.fileio import replace_folder, sha256_of, write_atomically
 from mammoseg.preprocessing import (
     IMAGE_SCALE,
     MASK_CHANNELS,
@@ -375,14 +375,7 @@ def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path
         contract = _contract(params, config, manifest, index, patients)
         index.to_parquet(staging / INDEX_FILE, index=False)
         write_atomically(staging / CONTRACT_FILE, lambda tmp: tmp.write_text(json.dumps(contract, indent=2)))
-        # Swap: the old dataset is renamed away before the new one takes its name, then deleted.
-        old = None
-        if dataset_out.exists():
-            old = dataset_out.with_name(f".{dataset_out.name}.old-{os.getpid()}")
-            dataset_out.rename(old)
-        staging.rename(dataset_out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_folder(staging, dataset_out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from mammoseg.config import ValidateConfig
 from mammoseg.errors import UserError
-from mammoseg.fileio import sha256_of
+from mammoseg.fileio import replace_folder, sha256_of
 from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
 from mammoseg.stages.ingest import MANIFEST_COLUMNS
 
@@ -514,17 +514,6 @@ Critical failures fail the stage; warnings are reported only.</p>
 """
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Put staging where target is, removing the old target only once the new one is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateResult:
     """Check a manifest and the files it points to against the data contract.
 
@@ -594,7 +583,7 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
                       for page in sorted(docs.glob("expectations/*.html"))})
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / INDEX_NAME).write_text(_report_page(summary, links))
-        _replace_folder(staging, report_out)
+        replace_folder(staging, report_out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
