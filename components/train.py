@@ -11,11 +11,13 @@ METRICS_FILE = "train_metrics.json"
 
 @dsl.container_component
 def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifact], model: Output[Model],
-          metrics: Output[Artifact], image_digest: str):
+          metrics: Output[Artifact], image_digest: str, checkpoint_dir: str):
     """Run `mammoseg train`, tagging the MLflow run with the KFP run id.
 
-    A retried attempt that finds checkpoint.pt of the same config in the model folder resumes from it
-    (and continues the same MLflow run) instead of starting over.
+    A retried attempt that finds checkpoint.pt of the same config resumes from it (and continues the
+    same MLflow run) instead of starting over. On a cluster each attempt is a new pod, so the
+    checkpoint must live on a persistent volume: `checkpoint_dir` (a mounted PVC; "" keeps it in the
+    model folder, enough for kfp.local, which retries in place).
 
     Args:
         params: the `train:` block of params.yaml (one-line JSON).
@@ -24,8 +26,9 @@ def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifac
         model: folder with model.pt, checkpoint.pt, history.csv and mlflow_run.json.
         metrics: folder with train_metrics.json (best epoch, validation Dice, threshold).
         image_digest: the image's digest; unused by the command, part of KFP's cache key.
+        checkpoint_dir: where checkpoints persist across attempts; train adds the pipeline run id.
     """
     return dsl.ContainerSpec(image=IMAGE, command=STAGE_COMMAND, args=stage_args(
         "train", params, "--dataset", dataset.path, "--model-out", model.path,
         "--metrics-out", f"{metrics.path}/{METRICS_FILE}", "--validation-report", validation_report.path,
-        "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER, "--checkpoint-dir", checkpoint_dir))

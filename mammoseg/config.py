@@ -111,6 +111,7 @@ class TrainConfig:
     overlay_images: int
     log_system_metrics: bool
     resume: bool
+    checkpoint_dir: str
     pipeline_run_id: str
 
 

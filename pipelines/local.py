@@ -161,6 +161,8 @@ def run_local(package: Path, pipeline_root: Path, image: str, arguments: Mapping
     local.init(runner=local.DockerRunner(**run_args), pipeline_root=str(pipeline_root),
                workspace_root=str(workspace), raise_on_error=True, enable_caching=cache)
     pipeline = components.load_component_from_file(str(package))
+    # No volumes locally: checkpoints stay in the model artifact, where kfp.local's retries find them.
+    arguments = {**arguments, "checkpoint_dir": ""}
     log.info("cluster-only settings (resource requests, the GPU, /dev/shm volume, secrets) do not apply locally; "
              "retries and caching do")
     try:

@@ -47,6 +47,7 @@ class PipelineSettings:
     accelerator_limit: int
     shm_size: str
     train_retries: int
+    checkpoint_pvc: str
     retry_backoff: str
     retry_backoff_max: str
     experiment: str

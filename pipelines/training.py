@@ -28,6 +28,9 @@ from kfp import compiler, dsl, kubernetes
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
 from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs
 
+# Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
+CHECKPOINT_MOUNT = "/checkpoints"
+
 DESCRIPTION = ("Full-resolution mammography segmentation (LightUNet on INbreast): ingest, validate, preprocess, "
                "train, evaluate, export to ONNX, register in MLflow with a promotion gate.")
 
@@ -69,6 +72,7 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         evaluate_params: str = defaults["evaluate"],
         export_params: str = defaults["export"],
         register_params: str = defaults["register"],
+        checkpoint_dir: str = CHECKPOINT_MOUNT if settings.checkpoint_pvc else "",
     ) -> dsl.Artifact:
         raw = configure(data(data_uri=data_uri, data_hash=data_hash, image_digest=image_digest), "data")
         _with_secret(raw, settings.s3_secret, S3_ENV)
@@ -84,7 +88,10 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         prepared.after(validated)
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
-                                  validation_report=validated.outputs["report"], image_digest=image_digest), "train")
+                                  validation_report=validated.outputs["report"], image_digest=image_digest,
+                                  checkpoint_dir=checkpoint_dir), "train")
+        if settings.checkpoint_pvc:
+            kubernetes.mount_pvc(trained, pvc_name=settings.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
         trained.set_memory_limit(settings.train_memory_limit)
         trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ CLASSES = ("mass", "calcification")
 INDEX_FILE = "index.parquet"
 DATASET_CONTRACT_FILE = "dataset.json"
 # Fields that do not change what is trained: a checkpoint stays valid when only these differ.
-_NOT_HASHED = {"num_workers", "resume", "log_system_metrics", "pipeline_run_id", "overlay_every",
+_NOT_HASHED = {"num_workers", "resume", "checkpoint_dir", "log_system_metrics", "pipeline_run_id", "overlay_every",
                "overlay_images", "experiment", "device"}
 
 
@@ -174,6 +175,14 @@ def config_hash(config: TrainConfig, dataset_digest: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def checkpoint_path(config: TrainConfig, model_out: Path) -> Path:
+    """Return where the resumable checkpoint lives: in model_out, or under checkpoint_dir[/pipeline run]."""
+    if not config.checkpoint_dir:
+        return model_out / CHECKPOINT_FILE
+    root = Path(config.checkpoint_dir)
+    return (root / config.pipeline_run_id if config.pipeline_run_id else root) / CHECKPOINT_FILE
+
+
 def _architecture(config: TrainConfig) -> dict[str, Any]:
     return {"depth": config.depth, "filters": config.filters, "max_filters": config.max_filters,
             "conv": config.conv, "residual": config.residual, "in_channels": 1, "out_channels": 2}
@@ -255,11 +264,12 @@ class _Trainer:
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
         self.hash = config_hash(config, self.dataset_digest)
+        self.checkpoint_path = checkpoint_path(config, model_out)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def restore(self) -> bool:
         """Load the checkpoint in model_out when it belongs to this config; return whether it did."""
-        path = self.model_out / CHECKPOINT_FILE
+        path = self.checkpoint_path
         if not path.is_file():
             if self.config.resume:
                 raise UserError(f"{path}: --resume given but there is no checkpoint to resume from")
@@ -278,8 +288,20 @@ class _Trainer:
         self.epoch, self.best, self.bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
         self.history, self.run_id = state["history"], state["run_id"]
         _set_rng_state(state["rng"])
+        best_beside = self.checkpoint_path.parent / MODEL_FILE
+        if not (self.model_out / MODEL_FILE).is_file() and best_beside.is_file():
+            # A new container with an empty model folder (a KFP retry): the best weights so far come
+            # from the checkpoint volume.
+            shutil.copy2(best_beside, self.model_out / MODEL_FILE)
         log.info("resuming from %s at epoch %d (MLflow run %s)", path, self.epoch, self.run_id)
         return True
+
+    def keep_best_beside_checkpoint(self) -> None:
+        """Copy model.pt next to a checkpoint kept outside the model folder, so a resume has it too."""
+        if self.checkpoint_path.parent != self.model_out:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            best = self.model_out / MODEL_FILE
+            write_atomically(self.checkpoint_path.parent / MODEL_FILE, lambda tmp: shutil.copy2(best, tmp))
 
     def save_checkpoint(self) -> None:
         state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -287,7 +309,8 @@ class _Trainer:
                  "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
                  "history": self.history, "run_id": self.run_id, "rng": _rng_state(),
                  "config_hash": self.hash}
-        write_atomically(self.model_out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     # --- one epoch ---------------------------------------------------------------------------------
     def _loader(self, split: str, shuffle_seed: int | None) -> DataLoader:
@@ -452,6 +475,7 @@ def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
             trainer.bad_epochs = 0
             save_model(trainer.model_out / MODEL_FILE, trainer.network, _architecture(config), 0.5,
                        trainer.contract)
+            trainer.keep_best_beside_checkpoint()
         else:
             trainer.bad_epochs += 1
         trainer.epoch += 1

@@ -147,3 +147,26 @@ def test_augment_is_reproducible_and_keeps_shapes():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert a[0].shape == images.shape and a[1].shape == masks.shape
     assert set(np.unique(a[1].numpy())) <= {0.0, 1.0} and a[0].min() >= 0 and a[0].max() <= 1
+
+
+@pytest.mark.slow
+def test_a_retry_in_a_new_container_resumes_from_the_checkpoint_volume(prepared_data, tracking_env, tmp_path):
+    """KFP retries start a new pod with an empty model folder; the checkpoint volume carries the state."""
+    volume = tmp_path / "volume"
+    base = {**TINY_TRAIN, "checkpoint_dir": str(volume), "pipeline_run_id": "run-42", "overlay_every": 0}
+    first = train.run(stage_config_for("train", **{**base, "epochs": 1}), prepared_data.dataset,
+                      tmp_path / "attempt1", tmp_path / "m1.json")
+    assert (volume / "run-42" / train.CHECKPOINT_FILE).is_file()
+    assert (volume / "run-42" / "model.pt").is_file()
+    assert not (tmp_path / "attempt1" / train.CHECKPOINT_FILE).exists()
+    # Same config but a longer schedule is another training: simulate the retry of an interrupted
+    # 2-epoch run by resuming the checkpoint with epochs unchanged and an empty model folder.
+    state = torch.load(volume / "run-42" / train.CHECKPOINT_FILE, weights_only=False)
+    assert state["epoch"] == 1
+    again = train.run(stage_config_for("train", **{**base, "epochs": 1}), prepared_data.dataset,
+                      tmp_path / "attempt2", tmp_path / "m2.json")
+    assert again.run_id == first.run_id  # the same MLflow run continues
+    assert (tmp_path / "attempt2" / "model.pt").is_file()
+    other = train.run(stage_config_for("train", **{**base, "epochs": 1, "pipeline_run_id": "run-43"}),
+                      prepared_data.dataset, tmp_path / "attempt3", tmp_path / "m3.json")
+    assert other.run_id != first.run_id  # another pipeline run never picks up run-42's checkpoint

@@ -59,6 +59,10 @@ def test_train_requests_a_gpu_resources_and_retries(ir):
         "backoffFactor": 2.0, "backoffMaxDuration": SETTINGS["retry_backoff_max"]}
     assert platform["exec-train"]["emptyDirMounts"] == [
         {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": SETTINGS["shm_size"], "volumeName": "dshm"}]
+    # Retries are new pods: the checkpoint volume carries the state between attempts.
+    (pvc,) = platform["exec-train"]["pvcMount"]
+    assert pvc["mountPath"] == "/checkpoints" and pvc["constant"] == SETTINGS["checkpoint_pvc"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_dir"]["defaultValue"] == "/checkpoints"
     # Only train asks for a GPU.
     others = [e for name, e in spec["deploymentSpec"]["executors"].items() if name != "exec-train"]
     assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
