@@ -605,3 +605,8 @@ class IntensityThresholdBaseline:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed {cls.KIND} baseline description: {error}") from error
         return cls(thresholds, data.get("calc_max_area_px"), dice)
+
+
+def nan_to_zero(value: float | None) -> float:
+    """Return value as a float, 0.0 for None or NaN (an undefined Dice scores nothing when ranking or logging)."""
+    return 0.0 if value is None or math.isnan(value) else float(value)

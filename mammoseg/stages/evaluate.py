@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,13 @@ from mammoseg.metrics import (
     dice_from_counts,
     lesion_detection,
     mean_image_dice,
+    nan_to_zero,
     pooled_dice,
     summarize_detection,
 )
 from mammoseg.overlays import figure_grid, figure_panel, save_png
 from mammoseg.preprocessing import load_example
-from mammoseg.stages.train import CLASSES, read_dataset
+from mammoseg.stages.train import CLASSES, load_examples, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def run(config: EvaluateConfig, dataset: Path, model: Path, metrics_out: Path, r
     trained = load_model(model, device)
     run_id = tracking.read_run_id(model)
 
-    val_examples = [load_example(dataset, row) for _, row in val_rows.iterrows()]
-    baseline = IntensityThresholdBaseline.fit([np.asarray(image, np.float32)[0] for image, _ in val_examples],
-                 [np.asarray(mask, bool) for _, mask in val_examples], config.baseline_grid)
+    val_examples = load_examples(dataset, val_rows)
+    baseline = IntensityThresholdBaseline.fit([image[0] for image, _ in val_examples],
+                                              [mask for _, mask in val_examples], config.baseline_grid)
     del val_examples
 
     records, counts, detections = _score_test_split(config, dataset, test_rows, trained, baseline, device)
@@ -106,10 +106,10 @@ def run(config: EvaluateConfig, dataset: Path, model: Path, metrics_out: Path, r
 
     with tracking.continue_run(run_id) as mlflow_run:
         mlflow_run.log_metrics({
-            f"test_{method}_dice_{kind}_{target}": _finite(metrics[method][f"dice_{kind}"][target]["value"])
+            f"test_{method}_dice_{kind}_{target}": nan_to_zero(metrics[method][f"dice_{kind}"][target]["value"])
             for method in METHODS for kind in ("pooled", "mean_image") for target in TARGETS})
         mlflow_run.log_metrics({
-            f"test_unet_{target}_{key}": _finite(value)
+            f"test_unet_{target}_{key}": nan_to_zero(value)
             for target, values in metrics["unet"]["detection"].items() for key, value in values.items()})
         mlflow_run.log_artifact(report_out, "evaluation")
         mlflow_run.log_artifact(metrics_out, "evaluation")
@@ -119,10 +119,6 @@ def run(config: EvaluateConfig, dataset: Path, model: Path, metrics_out: Path, r
     log.info("test Dice (all lesions, pooled): U-Net %.3f vs threshold baseline %.3f on %d images",
              unet_all, baseline_all, len(test_rows))
     return EvaluateResult(len(test_rows), unet_all, baseline_all, metrics_out, report_out)
-
-
-def _finite(value: float) -> float:
-    return 0.0 if value is None or math.isnan(value) else float(value)
 
 
 def _score_test_split(config, dataset, test_rows, trained, baseline, device):

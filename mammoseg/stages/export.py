@@ -30,8 +30,7 @@ from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.inference import TrainedModel, load_model
 from mammoseg.metrics import dice_counts, dice_from_counts
 from mammoseg.onnx_runtime import IO_SPEC_KEY, open_session, sigmoid
-from mammoseg.preprocessing import load_example
-from mammoseg.stages.train import CLASSES, read_dataset
+from mammoseg.stages.train import CLASSES, load_examples, read_dataset
 from model import export_onnx
 
 log = logging.getLogger(__name__)
@@ -78,11 +77,6 @@ def io_spec(trained: TrainedModel, run_id: str, tags: dict[str, str]) -> dict[st
         "dataset_digest": tags.get("dataset_digest"),
         "git_commit": tags.get("git_commit"),
     }
-
-
-def _examples(dataset: Path, rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.asarray(image, np.float32), np.asarray(mask, bool))
-            for image, mask in (load_example(dataset, row) for _, row in rows.iterrows())]
 
 
 @torch.no_grad()
@@ -178,7 +172,7 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
         test_rows = test_rows.head(config.parity_images)
     if test_rows.empty:
         raise UserError(f"{dataset / 'index.parquet'}: the test split is empty: nothing to check parity on")
-    examples = _examples(dataset, test_rows)
+    examples = load_examples(dataset, test_rows)
     reference = [_torch_logits(trained, image) for image, _ in examples]
     spec = io_spec(trained, run_id, tags)
     metadata = {IO_SPEC_KEY: json.dumps(spec, sort_keys=True), "threshold": str(trained.threshold),
@@ -237,7 +231,7 @@ def _variants(config: ExportConfig, onnx_out: Path, trained: TrainedModel, examp
     builders = {}
     if config.int8:
         val_rows = index[index["split"] == "val"].head(config.calibration_images)
-        calibration = [image for image, _ in _examples(dataset, val_rows)] or [examples[0][0]]
+        calibration = [image for image, _ in load_examples(dataset, val_rows)] or [examples[0][0]]
         builders["int8"] = lambda path: _quantize_int8(onnx_out, path, calibration)
     if config.fp16:
         builders["fp16"] = lambda path: _convert_fp16(onnx_out, path)

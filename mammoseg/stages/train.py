@@ -32,7 +32,7 @@ from mammoseg.config import TrainConfig
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.inference import MODEL_FILE, autocast, predict_probabilities, save_model, select_device
-from mammoseg.metrics import choose_threshold, dice_counts, pooled_dice
+from mammoseg.metrics import choose_threshold, dice_counts, nan_to_zero, pooled_dice
 from mammoseg.overlays import figure_grid, figure_panel, save_png
 from mammoseg.preprocessing import load_example
 from model import LightUNet
@@ -95,6 +95,16 @@ def read_dataset(dataset_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     except (ValueError, OSError) as exc:
         raise UserError(f"{index_path}: unreadable dataset index ({str(exc)[:200]})") from None
     return index, contract
+
+
+def load_examples(dataset_dir: Path, rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load the examples of some index rows, typed for inference and scoring.
+
+    Returns:
+        (image (1, H, W) float32 in [0, 1], mask (2, H, W) bool [mass, calcification]) per row.
+    """
+    return [(np.asarray(image, np.float32), np.asarray(mask, bool))
+            for image, mask in (load_example(dataset_dir, row) for _, row in rows.iterrows())]
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float,
@@ -371,26 +381,20 @@ class _Trainer:
                 for channel, name in enumerate(CLASSES):
                     counts[name].append(dice_counts(pred[channel], gt[channel]))
                 counts["all"].append(dice_counts(pred.any(0), gt.any(0)))
-        dice = {f"val_dice_{name}": _nan_to_zero(pooled_dice(values)) for name, values in counts.items()}
+        dice = {f"val_dice_{name}": nan_to_zero(pooled_dice(values)) for name, values in counts.items()}
         dice["val_dice_mean"] = (dice["val_dice_mass"] + dice["val_dice_calcification"]) / 2
         return {"val_loss": total / max(batches, 1), **dice}
 
     def overlays(self, path: Path) -> None:
         """Write a Figure-2-like grid (input, thresholded output, ground truth) of a few val images."""
         rows = self.splits["val"].head(self.config.overlay_images)
-        examples = [load_example(self.dataset_dir, row) for _, row in rows.iterrows()]
-        images = [np.asarray(image, np.float32) for image, _ in examples]
+        examples = load_examples(self.dataset_dir, rows)
         self.network.eval()
-        probabilities = predict_probabilities(self.network, images, self.device, self.config.batch_size,
-                                              self.amp, self.config.channels_last)
-        panels = [figure_panel(image[0], prob >= 0.5, np.asarray(mask, bool), title=str(row.image_id))
-                  for (image, (_, mask)), prob, (_, row)
-                  in zip(zip(images, examples, strict=True), probabilities, rows.iterrows(), strict=True)]
+        probabilities = predict_probabilities(self.network, [image for image, _ in examples], self.device,
+                                              self.config.batch_size, self.amp, self.config.channels_last)
+        panels = [figure_panel(image[0], prob >= 0.5, mask, title=str(image_id))
+                  for (image, mask), prob, image_id in zip(examples, probabilities, rows["image_id"], strict=True)]
         save_png(figure_grid(panels), path)
-
-
-def _nan_to_zero(value: float) -> float:
-    return 0.0 if math.isnan(value) else float(value)
 
 
 def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
@@ -496,12 +500,10 @@ def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) ->
     trainer.network.load_state_dict(best_state["state_dict"])
     trainer.network.eval()
     val_rows = trainer.splits["val"]
-    examples = [load_example(trainer.dataset_dir, row) for _, row in val_rows.iterrows()]
-    probabilities = list(predict_probabilities(
-        trainer.network, [np.asarray(image, np.float32) for image, _ in examples], trainer.device,
-        config.batch_size, trainer.amp, config.channels_last))
-    choice = choose_threshold(probabilities, [np.asarray(mask, bool) for _, mask in examples],
-                              config.threshold_grid)
+    examples = load_examples(trainer.dataset_dir, val_rows)
+    probabilities = list(predict_probabilities(trainer.network, [image for image, _ in examples], trainer.device,
+                                               config.batch_size, trainer.amp, config.channels_last))
+    choice = choose_threshold(probabilities, [mask for _, mask in examples], config.threshold_grid)
     threshold = float(choice.threshold)
     save_model(model_out / MODEL_FILE, trainer.network, _architecture(config), threshold, trainer.contract)
     history = pd.DataFrame(trainer.history)
