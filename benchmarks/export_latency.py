@@ -18,9 +18,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from mammoseg.data import load_example
 from mammoseg.inference import load_model
 from mammoseg.onnx_runtime import open_session
-from mammoseg.preprocessing import load_example
 from mammoseg.stages.export import _quantize_int8, latency_seconds
 from model import LightUNet, export_onnx
 

@@ -34,8 +34,8 @@ from PIL import Image
 from skimage.transform import resize
 
 from mammoseg.config import stage_config
+from mammoseg.data import mask_path
 from mammoseg.stages import ingest, preprocess
-from mammoseg.stages.ingest import mask_path
 from mammoseg.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Turn one decoded mammogram (and its masks) into the network's square input, and map masks back.
 
-Reads nothing but the dataset files that `load_example` opens; writes nothing. Used by the
+Reads and writes nothing (arrays in, arrays out). Used by the
 preprocess stage (training data) and by predict (a new DICOM in, a mask on its own grid out).
 
 The steps, and the choices behind them:
@@ -13,9 +13,9 @@ The steps, and the choices behind them:
    border or padding and are left out; the log stretches the air/skin step and squeezes the fat/dense
    step, so the threshold falls between background and breast rather than inside the breast), then the
    largest connected component (drops bright labels and markers, which are not connected to the
-   breast), holes filled. The crop box is that component's bounding box plus `crop_margin_px`, grown
-   further, for training images, to contain every lesion pixel. No breast found (a flat image):
-   the whole image is kept.
+   breast), holes filled. The crop box is that component's bounding box plus `crop_margin_px`. No
+   breast found (a flat image): the whole image is kept. Labels never shape the crop or the
+   background: lesion pixels outside the box are counted (`lesion_px_outside_crop`), not kept.
 3. **Resize, keeping the aspect ratio.** The crop is scaled by one factor so that its longer side is
    `size`, placed at the top left of a `size` x `size` canvas (chest wall on the left edge), and the
    rest is zero padding. Stretching would fill the canvas but would give every image its own
@@ -32,9 +32,9 @@ The steps, and the choices behind them:
    smaller than the target (tiny test images), each target pixel takes its source pixel instead.
 5. **Intensity.** Values between the `percentiles` (low, high) of the breast's pixels on the resized
    image (inside the dilated breast mask and above the Otsu threshold, so the thumbnail's mixed edge
-   blocks do not pull `low` down to air) map linearly to [0, 1], clipped. With `zero_background`,
-   pixels outside the breast (dilated by the crop margin) and outside every lesion are set to 0,
-   which removes labels and markers inside the crop box.
+   blocks do not pull `low` down to air) map linearly to [0, 1], clipped, and are rounded to the
+   uint16 storage grid. With `zero_background`, pixels outside the breast (dilated by the crop
+   margin) are set to 0, which removes labels and markers inside the crop box.
 
 `to_original_grid(mask, transform)` gives each original pixel the value of the target pixel its centre
 falls in (0 outside the crop), and `to_target_grid(mask, transform, rule)` is the forward mask
@@ -49,8 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,22 +57,14 @@ import scipy.ndimage as ndi
 import scipy.sparse as sparse
 from skimage.filters import threshold_otsu
 
+from mammoseg.data import CLASSES, IMAGE_SCALE, getter
 from mammoseg.errors import UserError
 
-MASK_CHANNELS = ("mass", "calcification")
+MASK_CHANNELS = CLASSES
 # Mask resampling rule per channel: "area" = at least half the block covered, "any" = any pixel.
 MASK_RULES = {"mass": "area", "calcification": "any"}
-# Stored images are uint16: value / IMAGE_SCALE is the normalised intensity in [0, 1].
-IMAGE_SCALE = 65535
 # The smallest breast component kept, as a fraction of the thumbnail; smaller means "not found".
 _MIN_BREAST_FRACTION = 0.01
-
-
-def _getter(record: Any) -> Callable[[str], Any]:
-    """Return a field reader for an index row: a namedtuple (itertuples), a mapping or a pandas Series."""
-    if hasattr(record, "_fields"):
-        return lambda name: getattr(record, name)
-    return record.__getitem__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +160,7 @@ class Transform:
     @classmethod
     def from_record(cls, record: Any) -> Transform:
         """Build a transform from an index row (a mapping, a pandas Series or a namedtuple)."""
-        get = _getter(record)
+        get = getter(record)
         values = {f.name: get(f.name) for f in dataclasses.fields(cls)}
         return cls(**{k: bool(v) if k == "flip" else int(v) for k, v in values.items()})
 
@@ -187,7 +178,8 @@ class Preprocessed:
         breast_found: False when no breast was found and the whole image was kept.
         chest_wall_left: whether, after the flip, the breast touches the left more than the right
             (False suggests a wrong laterality).
-        crop_extended: whether lesion pixels outside the breast box made the crop larger.
+        lesion_px_outside_crop: per mask channel, original-grid lesion pixels outside the crop box
+            (lost to the network's view: counted, never used to widen the crop).
         restored_components: mass components that the area rule lost and the centroid rule restored.
     """
 
@@ -198,7 +190,7 @@ class Preprocessed:
     intensity_high: float
     breast_found: bool
     chest_wall_left: bool
-    crop_extended: bool
+    lesion_px_outside_crop: tuple[int, ...]
     restored_components: int
 
 
@@ -402,6 +394,28 @@ def to_original_grid(mask_target: np.ndarray, transform: Transform) -> np.ndarra
     return out
 
 
+def masks_on_dicom_grid(probabilities: np.ndarray, transform: Transform,
+                        threshold: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """Turn the network's probabilities into masks on the DICOM's own grid: what predict delivers.
+
+    Thresholds on the network grid, then maps back with `to_original_grid` (each original pixel takes
+    the value of the target pixel holding its centre, so thresholding before or after is the same).
+    evaluate scores exactly this.
+
+    Args:
+        probabilities: (C, size, size) float probabilities.
+        transform: the image's geometry.
+        threshold: one threshold, or one per channel.
+
+    Returns:
+        (C, rows, columns) bool.
+    """
+    threshold = np.asarray(threshold, dtype=probabilities.dtype)
+    if threshold.ndim == 1:
+        threshold = threshold[:, None, None]
+    return to_original_grid(probabilities >= threshold, transform)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Breast, crop box, image.
 
@@ -506,39 +520,29 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
         flip: flip left-right first (right breasts), so the chest wall ends up on the left.
         params: the preprocessing contract.
         masks: optional full-resolution (rows, columns) bool masks [mass, calcification], None for
-            an empty one; they also make the crop box contain every lesion pixel.
+            an empty one. They follow the image's transform and change nothing of the image.
 
     Returns:
-        The (size, size) image in [0, 1], the (2, size, size) masks and what was done.
+        The (size, size) image in [0, 1] (on the uint16 storage grid), the (2, size, size) masks and
+        what was done.
     """
     rows, columns = pixels.shape
     breast = _find_breast(pixels, flip, params.otsu_side)
+    # The crop comes from the pixels alone: a label never shapes the input (evaluate and predict
+    # must see the same image for the same DICOM).
     r0, r1, c0, c1 = _breast_box(breast, rows, columns, params.crop_margin_px)
-    crop_extended = False
     if masks is not None:
         if len(masks) != len(MASK_CHANNELS):
             raise ValueError(f"expected {len(MASK_CHANNELS)} masks {MASK_CHANNELS}, got {len(masks)}")
         masks = [None if m is None else np.asarray(m, bool) for m in masks]
-        box = (r0, r1, c0, c1)
         for mask in masks:
-            if mask is None:
-                continue
-            _check_grid(mask, (rows, columns), "mask")
-            lesion_rows, lesion_cols = _bounds(mask.any(axis=1)), _bounds(mask.any(axis=0))
-            if lesion_rows is None:
-                continue
-            if flip:
-                lesion_cols = (columns - lesion_cols[1], columns - lesion_cols[0])
-            box = (min(box[0], max(0, lesion_rows[0] - params.crop_margin_px)),
-                   max(box[1], min(rows, lesion_rows[1] + params.crop_margin_px)),
-                   min(box[2], max(0, lesion_cols[0] - params.crop_margin_px)),
-                   max(box[3], min(columns, lesion_cols[1] + params.crop_margin_px)))
-        crop_extended = box != (r0, r1, c0, c1)
-        r0, r1, c0, c1 = box
+            if mask is not None:
+                _check_grid(mask, (rows, columns), "mask")
     content_rows, content_columns = _content_shape(r1 - r0, c1 - c0, params.size)
     transform = Transform(rows, columns, bool(flip), r0, r1, c0, c1, params.size, content_rows,
                           content_columns)
     grid = _Grid.of(transform)
+    outside = tuple(0 if mask is None else _pixels_outside_crop(mask, transform) for mask in masks or ())
 
     image = grid.sums(pixels[grid.row_slice, grid.col_slice]) / grid.block_areas()
     target_masks = None
@@ -565,50 +569,26 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
         high = low + 1.0
     image = np.clip((image - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
     if params.zero_background and breast.found:
-        if target_masks is not None:
-            keep = keep | target_masks[:, :content_rows, :content_columns].any(axis=0)
         image[~keep] = 0.0
     canvas = np.zeros((params.size, params.size), np.float32)
-    canvas[:content_rows, :content_columns] = image
+    canvas[:content_rows, :content_columns] = quantize(image).astype(np.float32) / np.float32(IMAGE_SCALE)
 
     quarter = max(1, breast.mask.shape[1] // 4)
     chest_wall_left = bool(breast.mask[:, :quarter].sum() >= breast.mask[:, -quarter:].sum())
     return Preprocessed(canvas, target_masks, transform, low, high, breast.found, chest_wall_left,
-                        crop_extended, restored)
+                        outside or (0,) * len(MASK_CHANNELS), restored)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Storage and the training loader.
+def _pixels_outside_crop(mask: np.ndarray, t: Transform) -> int:
+    """Count the lesion pixels of one (rows, columns) original-grid mask that the crop box leaves out."""
+    col_slice = slice(t.columns - t.crop_c1, t.columns - t.crop_c0) if t.flip else slice(t.crop_c0, t.crop_c1)
+    return int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[t.crop_r0:t.crop_r1, col_slice]))
 
 
-def pack_masks(masks: np.ndarray) -> np.ndarray:
-    """Pack (2, H, W) bool masks into (H, W) uint8 bit planes: bit 0 mass, bit 1 calcification."""
-    packed = np.zeros(masks.shape[1:], np.uint8)
-    for bit, plane in enumerate(masks):
-        packed |= plane.astype(np.uint8) << bit
-    return packed
+def quantize(image: np.ndarray) -> np.ndarray:
+    """Return [0, 1] intensities as the dataset stores them: uint16, value / IMAGE_SCALE.
 
-
-def unpack_masks(packed: np.ndarray) -> np.ndarray:
-    """Unpack (H, W) uint8 bit planes into (2, H, W) uint8 0/1 masks [mass, calcification]."""
-    return np.stack([(packed >> bit) & 1 for bit in range(len(MASK_CHANNELS))]).astype(np.uint8)
-
-
-def load_example(dataset_dir: str | Path, index_row: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Read one training example of a preprocessed dataset (numpy only, for DataLoader workers).
-
-    Args:
-        dataset_dir: the folder holding index.parquet.
-        index_row: its row for the image (a pandas Series, a mapping or a namedtuple from itertuples)
-            with `image_path` and `mask_path` relative to dataset_dir.
-
-    Returns:
-        image: (1, H, W) float32 in [0, 1].
-        mask: (2, H, W) uint8 0/1, channels [mass, calcification].
+    `preprocess` returns the image already rounded to this grid, so the network input predict
+    computes from a DICOM is bit-identical to what training and evaluation load from the dataset.
     """
-    get = _getter(index_row)
-    root = Path(dataset_dir)
-    # mmap: only the pages read are loaded; the division makes the one float32 copy needed.
-    image = np.load(root / get("image_path"), mmap_mode="r")
-    packed = np.load(root / get("mask_path"), mmap_mode="r")
-    return (image.astype(np.float32) / np.float32(IMAGE_SCALE))[None], unpack_masks(np.asarray(packed))
+    return np.round(np.clip(image, 0.0, 1.0) * IMAGE_SCALE).astype(np.uint16)

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mammoseg.config import IngestConfig
+from mammoseg.data import CLASSES, mask_path
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, write_atomically
 from mammoseg.inbreast import (
@@ -59,7 +60,6 @@ MANIFEST_COLUMNS = {
     "mass_px": "int64",
     "calc_px": "int64",
 }
-MASK_CLASSES = ("mass", "calcification")
 
 # A worker's answer for one image: (manifest row or None, reject reason or None, unknown ROI names).
 _Outcome = tuple[dict[str, Any] | None, str | None, set[str]]
@@ -89,11 +89,6 @@ class _Job:
     masks_dir: Path
 
 
-def mask_path(masks_dir: Path, image_id: str, lesion_class: str) -> Path:
-    """Return where the full-resolution mask of one class of one image lives."""
-    return masks_dir / f"{image_id}_{lesion_class}.png"
-
-
 def rejected_list_path(manifest: Path) -> Path:
     """Return the path of the rejected-images list written beside a manifest."""
     return manifest.with_name(manifest.stem + ".rejected.csv")
@@ -114,7 +109,7 @@ def _ingest_one(job: _Job) -> _Outcome:
             return None, str(exc), set()
     classifier = LesionClassifier(job.lesion_classes)
     raster = rasterize(rois, rows, columns, job.point_radius_px, classifier)
-    for lesion_class, mask in zip(MASK_CLASSES, (raster.mass, raster.calcification), strict=True):
+    for lesion_class, mask in zip(CLASSES, (raster.mass, raster.calcification), strict=True):
         # 1-bit PNG: lossless and ~100x smaller than 8-bit for sparse masks.
         Image.fromarray(mask).save(mask_path(job.masks_dir, job.name.image_id, lesion_class),
                                    optimize=False, compress_level=6)

@@ -2,6 +2,8 @@
 
 Writes into `dataset_out`: `images/<image_id>.npy` ((size, size) uint16, value / 65535 = intensity in
 [0, 1]), `masks/<image_id>.npy` ((size, size) uint8 bit planes: bit 0 mass, bit 1 calcification),
+`native_masks/<image_id>_<class>.png` (ingest's full-resolution masks, copied, for scoring on the
+DICOM grid),
 `index.parquet` (one row per image: split, paths, every transform, lesion counts) and `dataset.json`
 (the preprocessing contract that train, export and predict record and apply). What happens to the
 pixels is mammoseg.preprocessing's docstring.
@@ -36,28 +38,26 @@ from PIL import Image
 from tqdm import tqdm
 
 from mammoseg.config import PreprocessConfig
+from mammoseg.data import (
+    CLASSES,
+    CONTRACT_FILE,
+    IMAGE_SCALE,
+    IMAGES_DIR,
+    INDEX_FILE,
+    MASKS_DIR,
+    NATIVE_MASKS_DIR,
+    SPLITS,
+    mask_path,
+    pack_masks,
+)
 from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, write_atomically
-from mammoseg.preprocessing import (
-    IMAGE_SCALE,
-    MASK_CHANNELS,
-    MASK_RULES,
-    PreprocessParams,
-    Transform,
-    pack_masks,
-    preprocess,
-)
-from mammoseg.stages.ingest import mask_path
+from mammoseg.preprocessing import MASK_RULES, PreprocessParams, Transform, preprocess, quantize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-INDEX_FILE = "index.parquet"
-CONTRACT_FILE = "dataset.json"
-IMAGES_DIR = "images"
-MASKS_DIR = "masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: label-free crop and background, native_masks/
 # The manifest column that counts each mask channel's pixels.
 MANIFEST_PX = {"mass": "mass_px", "calcification": "calc_px"}
 MANIFEST_NEEDS = ("image_id", "patient_id", "laterality", "view", "rows", "columns", "dicom_path",
@@ -80,7 +80,9 @@ INDEX_COLUMNS = {
     "n_calcification": "int64",
     "breast_found": "bool",
     "chest_wall_left": "bool",
-    "crop_extended": "bool",
+    "mass_px_outside_crop": "int64",
+    "calc_px_outside_crop": "int64",
+    "lesion_outside_crop": "bool",
     "restored_components": "int64",
 }
 
@@ -256,8 +258,15 @@ def _preprocess_one(job: _Job) -> dict[str, Any]:
     out = preprocess(decoded.pixels, job.laterality == "R", job.params, masks)
     image_path = f"{IMAGES_DIR}/{job.image_id}.npy"
     mask_file = f"{MASKS_DIR}/{job.image_id}.npy"
-    np.save(job.out_dir / image_path, np.round(out.image * IMAGE_SCALE).astype(np.uint16))
+    np.save(job.out_dir / image_path, quantize(out.image))
     np.save(job.out_dir / mask_file, pack_masks(out.masks))
+    for source in job.mask_paths:
+        # Byte copies of ingest's masks: evaluate scores on the DICOM grid from the dataset alone.
+        shutil.copyfile(source, job.out_dir / NATIVE_MASKS_DIR / source.name)
+    mass_out, calc_out = out.lesion_px_outside_crop
+    if mass_out or calc_out:
+        log.warning("%s: %d mass and %d calcification pixels lie outside the breast crop (not seen by the "
+                    "network; counted in index.parquet)", job.image_id, mass_out, calc_out)
     if not out.breast_found:
         log.warning("%s: no breast found (flat image?): kept the whole image", job.dicom_path)
     elif not out.chest_wall_left:
@@ -267,7 +276,8 @@ def _preprocess_one(job: _Job) -> dict[str, Any]:
             **out.transform.to_record(), "intensity_low": out.intensity_low,
             "intensity_high": out.intensity_high, "mass_px": int(out.masks[0].sum()),
             "calc_px": int(out.masks[1].sum()), "breast_found": out.breast_found,
-            "chest_wall_left": out.chest_wall_left, "crop_extended": out.crop_extended,
+            "chest_wall_left": out.chest_wall_left, "mass_px_outside_crop": mass_out,
+            "calc_px_outside_crop": calc_out, "lesion_outside_crop": bool(mass_out or calc_out),
             "restored_components": out.restored_components}
 
 
@@ -304,14 +314,15 @@ def _contract(params: PreprocessParams, config: PreprocessConfig, manifest: Path
         "format_version": FORMAT_VERSION,
         **params.to_dict(),
         "flip_rule": "laterality R is flipped left-right: every chest wall on the left",
-        "geometry": "crop to the breast box (+margin, + every lesion pixel); longer side scaled to size, "
+        "geometry": "crop to the breast box found from the pixels (+margin; labels never shape it); longer "
+                    "side scaled to size, "
                     "aspect kept, content at the top left, zero padding bottom/right; transforms per "
                     "image in index.parquet (mammoseg.preprocessing.Transform)",
         "normalisation": f"percentiles {list(params.percentiles)} of the breast's pixels on the resized "
                          "image map to 0 and 1, clipped",
         "image_format": f"{IMAGES_DIR}/<image_id>.npy, (size, size) uint16, value / {IMAGE_SCALE} in [0, 1]",
         "mask_format": f"{MASKS_DIR}/<image_id>.npy, (size, size) uint8 bit planes: "
-                       + ", ".join(f"bit {i} {name}" for i, name in enumerate(MASK_CHANNELS)),
+                       + ", ".join(f"bit {i} {name}" for i, name in enumerate(CLASSES)),
         "mask_rules": dict(MASK_RULES),
         "split_fractions": list(config.split_fractions),
         "split_seed": config.seed,
@@ -320,6 +331,8 @@ def _contract(params: PreprocessParams, config: PreprocessConfig, manifest: Path
         "split_patients_with_mass": {s: int(with_mass.get(s, 0)) for s in SPLITS},
         "split_patients_with_calcification": {s: int(with_calc.get(s, 0)) for s in SPLITS},
         "images": len(index),
+        "native_masks": f"{NATIVE_MASKS_DIR}/<image_id>_<class>.png, ingest's full-resolution masks",
+        "images_with_lesion_outside_crop": int(index["lesion_outside_crop"].sum()),
         "manifest_sha256": sha256_of(manifest),
     }
 
@@ -358,9 +371,10 @@ def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path
     try:
         (staging / IMAGES_DIR).mkdir()
         (staging / MASKS_DIR).mkdir()
+        (staging / NATIVE_MASKS_DIR).mkdir()
         jobs = [_Job(str(row.image_id), str(row.laterality), Path(row.dicom_path), int(row.rows),
-                     int(row.columns), tuple(mask_path(masks, str(row.image_id), c) for c in MASK_CHANNELS),
-                     tuple(int(getattr(row, MANIFEST_PX[c])) for c in MASK_CHANNELS), params, staging)
+                     int(row.columns), tuple(mask_path(masks, str(row.image_id), c) for c in CLASSES),
+                     tuple(int(getattr(row, MANIFEST_PX[c])) for c in CLASSES), params, staging)
                 for row in frame.sort_values("image_id").itertuples(index=False)]
         workers = config.workers or os.cpu_count() or 1
         by_id = {row["image_id"]: row for row in _run_jobs(jobs, min(workers, len(jobs)))}

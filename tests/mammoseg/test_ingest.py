@@ -13,8 +13,9 @@ import yaml
 from PIL import Image
 
 from mammoseg.config import stage_config
+from mammoseg.data import mask_path
 from mammoseg.errors import UserError
-from mammoseg.stages.ingest import MANIFEST_COLUMNS, mask_path, rejected_list_path, run
+from mammoseg.stages.ingest import MANIFEST_COLUMNS, rejected_list_path, run
 
 REPO = Path(__file__).resolve().parents[2]
 PATIENT_A = "6c613a14b80a8591"

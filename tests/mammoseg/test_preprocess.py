@@ -17,18 +17,19 @@ from PIL import Image
 
 from mammoseg.cli import main
 from mammoseg.config import stage_config
+from mammoseg.data import IMAGE_SCALE, load_example, mask_path
 from mammoseg.errors import UserError
 from mammoseg.preprocessing import (
     MASK_CHANNELS,
     PreprocessParams,
     Transform,
     chest_wall_on_right,
-    load_example,
     preprocess,
+    quantize,
     to_original_grid,
     to_target_grid,
 )
-from mammoseg.stages.ingest import MANIFEST_COLUMNS, mask_path
+from mammoseg.stages.ingest import MANIFEST_COLUMNS
 from mammoseg.stages.preprocess import INDEX_COLUMNS, SPLITS, assign_splits, run
 from tests.conftest import write_dicom
 
@@ -184,12 +185,26 @@ def test_crop_ignores_label_and_black_border_and_normalises_inside_the_breast():
     assert out.image[0, -1] == 0 and out.image[:, t.content_columns:].max() == 0
 
 
-def test_crop_grows_to_keep_a_lesion_outside_the_breast():
+def test_labels_never_shape_the_input_and_outside_lesions_are_counted():
     rows, columns = 800, 640
-    calc = _points(rows, columns, [(400, 600)])  # in the background, far right of the breast
-    out = preprocess(_phantom(rows, columns, "L"), False, _params(), [np.zeros_like(calc), calc])
-    assert out.crop_extended and out.transform.crop_c1 > 600
-    assert to_original_grid(out.masks[1], out.transform)[400, 600]
+    pixels = _phantom(rows, columns, "L")
+    calc = _points(rows, columns, [(400, 600), (300, 100)])  # one far right of the breast, one inside
+    mass = _mass(rows, columns, (500, 120), (40, 30))
+    params = _params()
+    with_masks = preprocess(pixels, False, params, [mass, calc])
+    without = preprocess(pixels, False, params, None)
+    np.testing.assert_array_equal(with_masks.image, without.image)  # bit-identical
+    assert with_masks.transform == without.transform and with_masks.transform.crop_c1 < 600
+    calc_outside = int(calc[:, 600 - 3:].sum())
+    assert with_masks.lesion_px_outside_crop == (0, calc_outside) and calc_outside > 0
+    # The background stays zero where the lost lesion lies, and the mask keeps only what the crop holds.
+    assert to_original_grid(with_masks.masks[1], with_masks.transform)[300, 100]
+    assert not to_original_grid(with_masks.masks[1], with_masks.transform)[400, 600]
+
+
+def test_image_is_on_the_storage_grid():
+    out = preprocess(_phantom(400, 320, "R"), True, _params(), None)
+    np.testing.assert_array_equal(quantize(out.image).astype(np.float32) / np.float32(IMAGE_SCALE), out.image)
 
 
 def test_flat_image_keeps_everything():
@@ -316,7 +331,37 @@ def test_stage_writes_index_contract_and_loadable_examples(tmp_path, config):
     run(config, manifest, masks_dir, out)
     again = pd.read_parquet(out / "index.parquet")
     pd.testing.assert_frame_equal(again[["image_id", "split"]], index[["image_id", "split"]])
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "images", "index.parquet", "masks"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "images", "index.parquet", "masks",
+                                                     "native_masks"]
+    for row in index.itertuples(index=False):  # ingest's masks travel with the dataset, byte for byte
+        for name in MASK_CHANNELS:
+            assert (out / "native_masks" / f"{row.image_id}_{name}.png").read_bytes() == \
+                mask_path(masks_dir, row.image_id, name).read_bytes()
+
+
+def test_every_input_is_label_free_and_equal_to_what_predict_computes(tmp_path, config):
+    from mammoseg.dicom import read_image
+    from mammoseg.stages.predict import network_input
+
+    manifest, masks_dir = _write_dataset(tmp_path / "data")
+    out = tmp_path / "dataset"
+    run(config, manifest, masks_dir, out)
+    params = PreprocessParams.from_dict(json.loads((out / "dataset.json").read_text()))
+    index = pd.read_parquet(out / "index.parquet")
+    dicoms = pd.read_parquet(manifest).set_index("image_id")["dicom_path"]
+    assert set(index["split"]) == set(SPLITS)
+    for row in index.itertuples(index=False):  # every image of every split
+        stored, _ = load_example(out, row)
+        dicom = Path(dicoms[row.image_id])
+        predicted = network_input(dicom, params)
+        assert predicted.laterality == row.laterality
+        np.testing.assert_array_equal(predicted.prepared.image, stored[0])
+        masks = [np.array(Image.open(mask_path(masks_dir, row.image_id, name))).astype(bool)
+                 for name in MASK_CHANNELS]
+        pixels = read_image(dicom, apply_voi=params.apply_voi).pixels
+        with_masks = preprocess(pixels, row.laterality == "R", params, masks)
+        np.testing.assert_array_equal(with_masks.image, predicted.prepared.image)
+        assert with_masks.transform == Transform.from_record(row)
 
 
 def test_undecodable_dicom_is_one_line_error_and_keeps_the_old_dataset(tmp_path, config):
