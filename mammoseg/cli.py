@@ -120,6 +120,7 @@ STAGES: dict[str, StageSpec] = {
         "register the ONNX model in the MLflow Model Registry (@challenger; @champion by a gate)",
         (
             PathArg("--onnx", "the .onnx written by export"),
+            PathArg("--dataset", "preprocessed dataset the model was tested on (re-scores the champion)"),
             PathArg("--decision-out", "JSON with the version and the promotion decision", required=False),
         ),
     ),
@@ -186,6 +187,10 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
                                     description="The paper's four network variants with our parameter counts "
                                     "next to the paper's, forward GFLOPs and saved activations at 1536x1536.")
     summary.add_argument("--json", action="store_true", dest="as_json", help="print JSON instead of a table")
+    job = subparsers.add_parser("job-summary", help="what the main job shipped: native Dice with CIs, the gate",
+                                description="Print evaluate's headline numbers and register's decision.")
+    job.add_argument("--metrics", type=Path, required=True, help="evaluate's metrics JSON")
+    job.add_argument("--registration", type=Path, default=None, help="register's decision JSON")
     _add_pipeline_parser(subparsers)
     for name, spec in STAGES.items():
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
@@ -257,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mammoseg import model_summary
 
             model_summary.run(None, as_json=args.as_json)
+            return 0
+        if args.command == "job-summary":
+            from mammoseg import job_summary
+
+            sys.stdout.write(job_summary.run(args.metrics, args.registration))
             return 0
         if args.command == "pipeline":
             # The one place mammoseg reaches pipelines (and so kfp): lazily, for this subcommand only.

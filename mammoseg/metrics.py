@@ -24,9 +24,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from mammoseg.data import CLASSES as CLASS_NAMES
+
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("mass", "calcification")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # Bootstrap index matrices are built this many resamples at a time, so memory stays bounded
 # (about chunk x n_images x 24 bytes) whatever the number of resamples.
@@ -46,9 +47,9 @@ class DetectionCounts(NamedTuple):
 
     Attributes:
         n_gt: ground-truth lesions (or clusters).
-        n_found: ground-truth lesions that overlap at least one predicted pixel.
+        n_found: ground-truth lesions matched by a predicted lesion (lesion_detection's IoU rule).
         n_pred: predicted components (or clusters).
-        n_false_positive: predicted components that overlap no ground-truth pixel.
+        n_false_positive: predicted lesions that match no ground-truth lesion.
     """
 
     n_gt: int
@@ -157,57 +158,56 @@ def mean_image_dice(counts: Sequence[DiceCounts]) -> float:
     return float(dice[defined].mean()) if defined.any() else math.nan
 
 
-def bootstrap_ci(
-    counts: Sequence[DiceCounts],
-    statistic: Literal["pooled", "mean_image"],
-    n_resamples: int,
-    seed: int,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Return a percentile-bootstrap confidence interval of a Dice statistic, resampling images.
+def _statistic_columns(counts: Sequence[DiceCounts], statistic: str) -> np.ndarray:
+    """Return the (N, 2) per-image columns whose (weighted) sums give the statistic as column 0 / column 1.
 
-    Each resample draws N images with replacement (one row of an (n_resamples, N) index matrix) and
-    recomputes the statistic from the drawn images' counts. Resamples where the statistic is undefined
-    (no drawn image has the class) are dropped before taking the percentiles.
-
-    Args:
-        counts: one DiceCounts per image.
-        statistic: "pooled" (pooled_dice) or "mean_image" (mean_image_dice).
-        n_resamples: number of bootstrap resamples (>= 1).
-        seed: seed of the generator; the same seed gives the same interval.
-        level: coverage of the interval, in (0, 1).
-
-    Returns:
-        (low, high); (nan, nan) when there are no images or no resample has a defined statistic.
+    pooled: [2I, P + G] (the pooled Dice is 2 sum I / sum (P + G)); mean_image: [Dice, defined] over
+    the images where the Dice is defined.
     """
     if statistic not in ("pooled", "mean_image"):
         raise ValueError(f"statistic must be 'pooled' or 'mean_image', got {statistic!r}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     array = _counts_array(counts)
-    n_images = len(array)
-    if n_images == 0:
-        return math.nan, math.nan
     if statistic == "pooled":
-        # Resampled sums of I and of P + G give the pooled Dice of each resample.
-        columns = np.stack([array[:, 0], array[:, 1] + array[:, 2]], axis=1).astype(np.float64)
+        return np.stack([2.0 * array[:, 0], array[:, 1] + array[:, 2]], axis=1).astype(np.float64)
+    dice = per_image_dice(counts)
+    defined = ~np.isnan(dice)
+    return np.stack([np.where(defined, dice, 0.0), defined.astype(np.float64)], axis=1)
+
+
+def _ratio(sums: np.ndarray) -> np.ndarray:
+    """Column 0 / column 1 of (R, 2) sums, NaN where column 1 is 0."""
+    out = np.full(len(sums), np.nan)
+    np.divide(sums[:, 0], sums[:, 1], out=out, where=sums[:, 1] > 0)
+    return out
+
+
+def _resample_weights(groups: Sequence[Any] | None, n_images: int, n_resamples: int,
+                      seed: int) -> np.ndarray:
+    """Return (n_resamples, n_images) bootstrap weights: how often each image is drawn in each resample.
+
+    With groups (a patient id per image) whole patients are drawn with replacement and every image
+    of a drawn patient comes along: the views of one woman are correlated, so images are not
+    independent samples. Without groups, images are drawn.
+    """
+    if groups is None:
+        group_of = np.arange(n_images)
     else:
-        dice = per_image_dice(counts)
-        defined = ~np.isnan(dice)
-        # Resampled sums of Dice (over defined images) and of the number of defined images.
-        columns = np.stack([np.where(defined, dice, 0.0), defined.astype(np.float64)], axis=1)
+        if len(groups) != n_images:
+            raise ValueError(f"need one group per image, got {len(groups)} for {n_images} images")
+        _, group_of = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_groups = int(group_of.max()) + 1
     rng = np.random.default_rng(seed)
-    stats = np.empty(n_resamples)
+    weights = np.empty((n_resamples, n_images))
     for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
         stop = min(start + _BOOTSTRAP_CHUNK, n_resamples)
-        index = rng.integers(0, n_images, size=(stop - start, n_images))
-        sums = columns[index].sum(axis=1)  # (chunk, 2)
-        if statistic == "pooled":
-            stats[start:stop] = _dice_vector(sums[:, 0], sums[:, 1])
-        else:
-            stats[start:stop] = np.where(sums[:, 1] > 0, sums[:, 0] / np.maximum(sums[:, 1], 1.0), np.nan)
+        draws = rng.integers(0, n_groups, size=(stop - start, n_groups))
+        drawn = np.zeros((stop - start, n_groups))
+        np.add.at(drawn, (np.arange(stop - start)[:, None], draws), 1.0)
+        weights[start:stop] = drawn[:, group_of]
+    return weights
+
+
+def _interval(stats: np.ndarray, level: float) -> tuple[float, float]:
     stats = stats[~np.isnan(stats)]
     if stats.size == 0:
         return math.nan, math.nan
@@ -216,19 +216,120 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def _check_bootstrap(n_resamples: int, level: float) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def bootstrap_ci(
+    counts: Sequence[DiceCounts],
+    statistic: Literal["pooled", "mean_image"],
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
+    groups: Sequence[Any] | None = None,
+) -> tuple[float, float]:
+    """Return a percentile-bootstrap confidence interval of a Dice statistic.
+
+    Each resample draws patients (`groups`, one id per image) with replacement, or images when
+    groups is None, and recomputes the statistic from the drawn images' counts. Resamples where the
+    statistic is undefined (no drawn image has the class) are dropped before taking the percentiles.
+
+    Args:
+        counts: one DiceCounts per image.
+        statistic: "pooled" (pooled_dice) or "mean_image" (mean_image_dice).
+        n_resamples: number of bootstrap resamples (>= 1).
+        seed: seed of the generator; the same seed gives the same interval.
+        level: coverage of the interval, in (0, 1).
+        groups: the patient of each image; whole patients are resampled.
+
+    Returns:
+        (low, high); (nan, nan) when there are no images or no resample has a defined statistic.
+    """
+    _check_bootstrap(n_resamples, level)
+    columns = _statistic_columns(counts, statistic)
+    if len(columns) == 0:
+        return math.nan, math.nan
+    weights = _resample_weights(groups, len(columns), n_resamples, seed)
+    return _interval(_ratio(weights @ columns), level)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+    """A paired comparison of two methods on the same images: A minus B, with a bootstrap interval.
+
+    Attributes:
+        difference: statistic(A) - statistic(B) on all images.
+        ci95: (low, high) percentile interval of the difference over patient resamples.
+        a: statistic(A); b: statistic(B).
+    """
+
+    difference: float
+    ci95: tuple[float, float]
+    a: float
+    b: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {"difference": self.difference, "ci95": list(self.ci95), "a": self.a, "b": self.b}
+
+
+def paired_bootstrap(
+    counts_a: Sequence[DiceCounts],
+    counts_b: Sequence[DiceCounts],
+    groups: Sequence[Any],
+    statistic: Literal["pooled", "mean_image"],
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> PairedDifference:
+    """Compare two methods scored on the same images by a paired patient bootstrap.
+
+    Every resample draws patients with replacement and computes statistic(A) - statistic(B) on the
+    same drawn images, so what the two methods share (an easy patient, a hard one) cancels. A lower
+    bound above 0 says A beats B on this population of patients at the interval's level.
+
+    Args:
+        counts_a: one DiceCounts per image for method A.
+        counts_b: the same images, method B.
+        groups: the patient of each image.
+        statistic: "pooled" or "mean_image".
+        n_resamples: bootstrap resamples.
+        seed: generator seed.
+        level: coverage of the interval.
+
+    Returns:
+        The difference on all images and its interval (NaN where undefined).
+    """
+    _check_bootstrap(n_resamples, level)
+    columns_a, columns_b = _statistic_columns(counts_a, statistic), _statistic_columns(counts_b, statistic)
+    if columns_a.shape != columns_b.shape:
+        raise ValueError(f"paired methods need the same images, got {len(columns_a)} and {len(columns_b)}")
+    value_a = float(_ratio(columns_a.sum(axis=0, keepdims=True))[0]) if len(columns_a) else math.nan
+    value_b = float(_ratio(columns_b.sum(axis=0, keepdims=True))[0]) if len(columns_b) else math.nan
+    if len(columns_a) == 0:
+        return PairedDifference(math.nan, (math.nan, math.nan), value_a, value_b)
+    weights = _resample_weights(groups, len(columns_a), n_resamples, seed)
+    stats = _ratio(weights @ columns_a) - _ratio(weights @ columns_b)
+    return PairedDifference(value_a - value_b, _interval(stats, level), value_a, value_b)
+
+
 # ------------------------------------------------------------------------------- lesion detection
 
 
 def _cluster_labels(mask: np.ndarray, cluster_radius_px: float) -> tuple[np.ndarray, int]:
-    """Label the components of a mask, merging those within `cluster_radius_px` of each other.
+    """Label the lesions of a mask: components, or clusters of components within a linking distance.
 
-    Every component grows by half the radius (a Euclidean distance transform, so large radii stay
-    cheap); two components whose closest pixels are within about the radius then touch, and the grown
-    mask is labelled with 8-connectivity. Each original pixel takes the label of its cluster; grown
-    pixels carry none, so overlaps are still measured on the original pixels.
+    With `cluster_radius_px > 0` every component grows by half the radius (a Euclidean distance
+    transform, so large radii stay cheap); components whose closest pixels are within about the
+    radius then touch, and the grown mask is labelled with 8-connectivity. The grown pixels belong to
+    their cluster: a cluster's region is the area its calcifications span, which is what a reader
+    marks and what overlap is measured on.
 
     Returns:
-        ((H, W) int32 labels, 0 = background; number of clusters).
+        ((H, W) int32 labels of the lesion regions, 0 = background; number of lesions).
     """
     if cluster_radius_px <= 0 or not mask.any():
         labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
@@ -244,33 +345,39 @@ def _cluster_labels(mask: np.ndarray, cluster_radius_px: float) -> tuple[np.ndar
     grown = ndimage.distance_transform_edt(~crop) <= half
     grown_labels, n = ndimage.label(grown, structure=_EIGHT_CONNECTED)
     labels = np.zeros(mask.shape, dtype=grown_labels.dtype)
-    labels[r0:r1, c0:c1] = np.where(crop, grown_labels, 0)
+    labels[r0:r1, c0:c1] = grown_labels
     return labels, int(n)
 
 
-def _count_overlapping(labels: np.ndarray, n: int, other: np.ndarray) -> int:
-    """Count the labels 1..n with at least one pixel inside `other`."""
-    if n == 0:
-        return 0
-    return int(np.count_nonzero(np.unique(labels[other & (labels > 0)])))
+def _pairwise_iou(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray, n_pred: int) -> np.ndarray:
+    """Return the (n_gt, n_pred) IoU matrix of two label images (label k is row/column k - 1)."""
+    if n_gt == 0 or n_pred == 0:
+        return np.zeros((n_gt, n_pred))
+    gt_area = np.bincount(gt_labels.ravel(), minlength=n_gt + 1)[1:].astype(np.float64)
+    pred_area = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:].astype(np.float64)
+    both = (gt_labels > 0) & (pred_labels > 0)
+    pairs = (gt_labels[both].astype(np.int64) - 1) * n_pred + (pred_labels[both].astype(np.int64) - 1)
+    intersection = np.bincount(pairs, minlength=n_gt * n_pred).reshape(n_gt, n_pred).astype(np.float64)
+    union = gt_area[:, None] + pred_area[None, :] - intersection
+    return intersection / np.maximum(union, 1.0)
 
 
-def lesion_detection(pred: np.ndarray, gt: np.ndarray, cluster_radius_px: float) -> DetectionCounts:
-    """Count found and missed ground-truth lesions and false-positive predicted components of one image.
+def lesion_detection(pred: np.ndarray, gt: np.ndarray, cluster_radius_px: float,
+                     min_iou: float) -> DetectionCounts:
+    """Count found and missed ground-truth lesions and false-positive predicted lesions of one image.
 
-    Components are 8-connected. A ground-truth component is found when it overlaps any predicted
-    pixel; a predicted component is a false positive when it overlaps no ground-truth pixel. With
-    `cluster_radius_px > 0`, components of each mask whose closest pixels are within about that
-    distance are first merged into one cluster (single linkage, so chains merge), and clusters are
-    counted instead; overlap is still tested on the original pixels, not on the grown cluster area.
-
-    Use 0 for masses and the pixel equivalent of the clustering distance (e.g. 5 mm) for
-    calcifications.
+    The matching rule: a ground-truth lesion is found when some predicted lesion overlaps it with
+    IoU >= `min_iou`; a predicted lesion is a false positive when no ground-truth lesion overlaps it
+    that much. Lesions are 8-connected components, or, with `cluster_radius_px > 0`, clusters
+    (components within about that distance merged, single linkage) whose region includes the area
+    between their members. A prediction covering the whole breast overlaps every lesion but with a
+    tiny IoU, so it finds nothing and is one false positive.
 
     Args:
         pred: (H, W) bool, the thresholded prediction.
         gt: (H, W) bool, the ground-truth mask.
         cluster_radius_px: linking distance in pixels; 0 counts plain connected components.
+        min_iou: the IoU a match needs, in (0, 1].
 
     Returns:
         The counts for this image.
@@ -280,10 +387,13 @@ def lesion_detection(pred: np.ndarray, gt: np.ndarray, cluster_radius_px: float)
         raise ValueError(f"masks must be 2-D (H, W), got shape {pred.shape}")
     if cluster_radius_px < 0:
         raise ValueError(f"cluster_radius_px must be >= 0, got {cluster_radius_px}")
+    if not 0.0 < min_iou <= 1.0:
+        raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
     gt_labels, n_gt = _cluster_labels(gt, cluster_radius_px)
     pred_labels, n_pred = _cluster_labels(pred, cluster_radius_px)
-    n_found = _count_overlapping(gt_labels, n_gt, pred)
-    n_true_positive = _count_overlapping(pred_labels, n_pred, gt)
+    matched = _pairwise_iou(gt_labels, n_gt, pred_labels, n_pred) >= min_iou
+    n_found = int(matched.any(axis=1).sum())
+    n_true_positive = int(matched.any(axis=0).sum())
     return DetectionCounts(n_gt, n_found, n_pred, n_pred - n_true_positive)
 
 
@@ -311,6 +421,64 @@ def summarize_detection(per_image: Sequence[DetectionCounts]) -> dict[str, float
         "sensitivity": n_found / n_gt if n_gt else math.nan,
         "false_positives_per_image": n_fp / n_images if n_images else math.nan,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Froc:
+    """A free-response operating characteristic: lesion sensitivity against false positives per image.
+
+    Attributes:
+        thresholds: (K,) probability thresholds, increasing.
+        sensitivity: (K,) found / ground-truth lesions at each threshold.
+        false_positives_per_image: (K,) at each threshold.
+    """
+
+    thresholds: np.ndarray
+    sensitivity: np.ndarray
+    false_positives_per_image: np.ndarray
+
+    def sensitivity_at(self, fp_per_image: float) -> float:
+        """Return the best sensitivity among thresholds with at most `fp_per_image` false positives per image.
+
+        0 when no threshold is that clean (the usual FROC reading, without extrapolation).
+        """
+        ok = self.false_positives_per_image <= fp_per_image
+        return float(self.sensitivity[ok].max()) if ok.any() else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (NaN sensitivities stay NaN; json writes them as NaN)."""
+        return {"thresholds": self.thresholds.tolist(), "sensitivity": self.sensitivity.tolist(),
+                "false_positives_per_image": self.false_positives_per_image.tolist(),
+                "sensitivity_at_0.5_fp": self.sensitivity_at(0.5), "sensitivity_at_1_fp": self.sensitivity_at(1.0)}
+
+
+def froc(probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray], thresholds: Sequence[float],
+         cluster_radius_px: Sequence[float], min_iou: float) -> Froc:
+    """Sweep the probability threshold and count lesions found and false positives at each.
+
+    Args:
+        probabilities: per image, (H, W) float probabilities of one class.
+        truths: per image, (H, W) bool ground truth of that class.
+        thresholds: increasing probability thresholds.
+        cluster_radius_px: per image, the linking distance (0 for masses).
+        min_iou: the matching rule's IoU (lesion_detection).
+
+    Returns:
+        The curve; NaN sensitivity where no image has a lesion.
+    """
+    grid = _grid_array(thresholds)
+    found = np.zeros(len(grid))
+    false_positives = np.zeros(len(grid))
+    n_gt = 0
+    for probability, truth, radius in zip(probabilities, truths, cluster_radius_px, strict=True):
+        for k, threshold in enumerate(grid):
+            counts = lesion_detection(np.asarray(probability) >= threshold, np.asarray(truth, bool), radius, min_iou)
+            found[k] += counts.n_found
+            false_positives[k] += counts.n_false_positive
+        n_gt += counts.n_gt if len(grid) else 0
+    n_images = max(len(probabilities), 1)
+    sensitivity = found / n_gt if n_gt else np.full(len(grid), np.nan)
+    return Froc(grid, sensitivity, false_positives / n_images)
 
 
 # ------------------------------------------------------------------------------- threshold curves
@@ -380,6 +548,24 @@ class ThresholdChoice:
     def best_dice(self) -> float:
         """The mean Dice at the chosen threshold."""
         return float(self.mean_dice[int(np.searchsorted(self.grid, self.threshold))])
+
+    @property
+    def per_class(self) -> tuple[float, ...]:
+        """Each class's own best threshold (the shared one for a class absent from validation).
+
+        Masses and calcifications are calibrated differently (a calcification's probability rarely
+        reaches a mass's), so one shared threshold gives up Dice on one of them.
+        """
+        out = []
+        for channel in range(self.dice.shape[1]):
+            column = self.dice[:, channel]
+            out.append(self.threshold if np.isnan(column).all() else float(self.grid[_best_index(column)]))
+        return tuple(out)
+
+    @property
+    def per_class_dice(self) -> tuple[float, ...]:
+        """Each class's pooled validation Dice at its own threshold (NaN for an absent class)."""
+        return tuple(float(np.nanmax(c)) if not np.isnan(c).all() else math.nan for c in self.dice.T)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (lists; NaN is written as None)."""

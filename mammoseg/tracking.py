@@ -396,3 +396,12 @@ def download_model_artifacts(model_uri: str, destination: Path) -> Path:
                 raise UserError(f"{model_uri}: no such registered model, version or alias at "
                                 f"{_redact(tracking_uri())}") from None
             raise
+
+
+def set_version_description(name: str, version: str, description: str) -> None:
+    """Set a model version's description (markdown, shown on its page in the MLflow UI)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"describing {name} version {version}"):
+        mlflow.MlflowClient().update_model_version(name, version, description=description)

@@ -105,7 +105,7 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         exported = configure(export(params=export_params, model=trained.outputs["model"],
                                     dataset=prepared.outputs["dataset"], image_digest=image_digest), "export")
         registered = configure(register(params=register_params, onnx=exported.outputs["onnx"],
-                                        image_digest=image_digest), "register")
+                                        dataset=prepared.outputs["dataset"], image_digest=image_digest), "register")
         # The promotion gate reads the test metric that evaluate logged to the training run.
         registered.after(evaluated)
         registered.set_caching_options(enable_caching=False)

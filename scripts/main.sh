@@ -11,3 +11,5 @@ if [ ! -f data/inbreast/INbreast.csv ] && [ ! -f data/inbreast/INbreast.xls ]; t
 fi
 # The pipeline: every stage of dvc.yaml, each `mammoseg <stage>`; reruns only what changed.
 dvc repro
+# What it shipped: native Dice per class with CIs, U-Net against the baseline, the registry's decision.
+mammoseg job-summary --metrics artifacts/metrics.json --registration artifacts/registration.json

@@ -28,7 +28,13 @@ from mammoseg.fileio import write_atomically
 from mammoseg.inbreast import parse_dicom_name
 from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
 from mammoseg.overlays import overlay_rgb, save_png
-from mammoseg.preprocessing import PreprocessParams, chest_wall_on_right, preprocess, to_original_grid
+from mammoseg.preprocessing import (
+    Preprocessed,
+    PreprocessParams,
+    chest_wall_on_right,
+    masks_on_dicom_grid,
+    preprocess,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,33 +121,60 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
         log.info("model %s (run %s) on %s%s", model, spec.get("training_run_id"), session.provider,
                  " (fell back from CUDA)" if session.fell_back else "")
         params = PreprocessParams.from_dict(spec["preprocessing"])
-        threshold = float(spec["threshold"])
+        threshold = np.asarray(spec["threshold"], np.float32)  # one per class
         for path in tqdm(input, desc="predict", unit="image", disable=None):
             _predict_one(path, session, params, threshold, config, out, spec)
     return PredictResult(len(input), session.provider, out)
 
 
-def _predict_one(path: Path, session, params: PreprocessParams, threshold: float, config: PredictConfig,
-                 out: Path, spec: dict[str, Any]) -> None:
-    header = _check_mammogram(path)
+@dataclasses.dataclass(frozen=True)
+class NetworkInput:
+    """A DICOM prepared for the network exactly as training and evaluation saw its kind.
+
+    Attributes:
+        pixels: (rows, columns) decoded pixel values, bright = dense.
+        laterality: "L" or "R".
+        laterality_source: "header", "file name" or "image".
+        prepared: the preprocessing output (image (size, size) float32, transform).
+    """
+
+    pixels: np.ndarray
+    laterality: str
+    laterality_source: str
+    prepared: Preprocessed
+
+
+def network_input(path: Path, params: PreprocessParams) -> NetworkInput:
+    """Decode a DICOM and preprocess it with the model's contract: a function of the DICOM alone.
+
+    The preprocess stage computes the same image for the same DICOM (stored on the same uint16 grid),
+    so what predict feeds the network is what the model was evaluated on.
+    """
     image = read_image(path, apply_voi=params.apply_voi)
     side, source = laterality(path, image.laterality, image.pixels, params)
-    prepared = preprocess(image.pixels, side == "R", params)
+    return NetworkInput(image.pixels, side, source, preprocess(image.pixels, side == "R", params))
+
+
+def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.ndarray, config: PredictConfig,
+                 out: Path, spec: dict[str, Any]) -> None:
+    header = _check_mammogram(path)
+    prepared_input = network_input(path, params)
+    pixels, side, source = prepared_input.pixels, prepared_input.laterality, prepared_input.laterality_source
+    prepared = prepared_input.prepared
     logits = session.run(prepared.image[None, None])[0]
-    predicted = sigmoid(logits) >= threshold  # (2, size, size)
-    original = to_original_grid(predicted, prepared.transform)  # (2, rows, columns)
+    original = masks_on_dicom_grid(sigmoid(logits), prepared.transform, threshold)  # (2, rows, columns)
     label = np.zeros(original.shape[1:], np.uint8)
     label[original[0]] = MASK_VALUES["mass"]
     label[original[1]] = MASK_VALUES["calcification"]  # calcification wins where both are set
     stem = path.stem
     save_png(label, out / f"{stem}_mask.png")
-    display = (image.pixels - image.pixels.min()) / max(float(np.ptp(image.pixels)), 1.0)
+    display = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0)
     save_png(overlay_rgb(display.astype(np.float32), pred=original, max_side=config.overlay_max_side),
              out / f"{stem}_overlay.png")
     _write_seg(header, path, original, out / f"{stem}_seg.dcm", spec)
     summary = {"input": str(path), "laterality": side, "laterality_source": source,
                "mass_px": int(original[0].sum()), "calcification_px": int(original[1].sum()),
-               "threshold": threshold, "provider": session.provider,
+               "threshold": threshold.tolist(), "provider": session.provider,
                "training_run_id": spec.get("training_run_id")}
     write_atomically(out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     log.info("%s: %s breast (%s), %d mass px, %d calcification px", path.name, side, source,

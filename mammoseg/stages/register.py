@@ -1,8 +1,19 @@
 """Register: an exported ONNX model into the MLflow Model Registry, with lineage and a promotion gate.
 
-Logs the ONNX file (MLflow ONNX flavour, signature, input example) into its training run, creates
-a model version tagged with its lineage, points @challenger at it and moves @champion only when
-its test Dice beats the champion's on the same test split by a margin (or there is no champion).
+Reads the .onnx and its export report, the training run's test metrics (written by evaluate) and the
+preprocessed dataset (to re-score a champion); writes a model version, its aliases, tags and
+description, and optionally a decision JSON.
+
+The gate (params.yaml `register:`): every new version becomes @challenger. @champion moves to it only when
+
+(a) it beats the intensity-threshold baseline on the same test patients: the lower bound of the
+    paired 95 % patient-bootstrap interval of the difference in `metric` is above 0, and each
+    target's native Dice (the same statistic) reaches its floor in `dice_floors`; and
+(b) it beats the current champion the same way: both ONNX models are re-scored with evaluate's own
+    code (`score_native`) on the challenger's test split, wherever the champion was scored before,
+    and the paired interval of challenger minus champion must lie above 0.
+
+A model that fails stays @challenger only; register still exits 0 and logs which condition failed.
 Registering the same model from the same run again changes nothing. Aliases only: the deprecated
 registry stages are never used.
 """
@@ -12,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +32,19 @@ import numpy as np
 
 from mammoseg import tracking
 from mammoseg.config import RegisterConfig
+from mammoseg.data import read_dataset
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
-from mammoseg.onnx_runtime import read_io_spec
+from mammoseg.metrics import paired_bootstrap
+from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.preprocessing import PreprocessParams
+from mammoseg.stages.evaluate import TARGETS, score_native
 from mammoseg.stages.export import report_path_for
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+_METRIC = re.compile(r"^test_unet_dice_native_(mean_image|pooled)_all$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,22 +58,132 @@ class RegisterResult:
     already_registered: bool
 
 
-def _metric(metrics: dict[str, float], tags: dict[str, str], key: str) -> float | None:
-    value = metrics.get(key, tags.get(key))
-    return None if value is None else float(value)
+@dataclasses.dataclass(frozen=True)
+class GateCheck:
+    """One condition of the gate, as a table row: what was compared, the numbers, pass or fail."""
+
+    condition: str
+    value: float
+    reference: str
+    passed: bool
+
+    def row(self) -> str:
+        """Return the condition as a markdown table row."""
+        return f"| {self.condition} | {self.value:.4f} | {self.reference} | {'pass' if self.passed else 'FAIL'} |"
 
 
-def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) -> RegisterResult:
+def _statistic(metric: str) -> str:
+    match = _METRIC.match(metric)
+    if not match:
+        raise UserError(f"register.metric must be test_unet_dice_native_mean_image_all or "
+                        f"test_unet_dice_native_pooled_all (evaluate's native all-lesion Dice), got {metric!r}")
+    return match.group(1)
+
+
+def baseline_checks(metrics: dict[str, float], config: RegisterConfig) -> list[GateCheck]:
+    """Condition (a): the paired comparison with the baseline and the per-target floors.
+
+    Raises:
+        UserError: the run lacks a metric the gate needs (evaluate was not run, or an older evaluate).
+    """
+    kind = _statistic(config.metric)
+
+    def need(key: str) -> float:
+        if key not in metrics:
+            raise UserError(f"the training run has no {key} (run `mammoseg evaluate` first)")
+        return float(metrics[key])
+
+    prefix = f"test_unet_vs_baseline_native_{kind}_all"
+    low, high = need(f"{prefix}_ci_low"), need(f"{prefix}_ci_high")
+    checks = [GateCheck(f"U-Net minus baseline, all lesions ({kind}, paired patient bootstrap)",
+                        need(f"{prefix}_difference"), f"95% CI [{low:+.4f}, {high:+.4f}]; lower bound must be > 0",
+                        low > 0)]
+    for target in TARGETS:
+        if target in config.dice_floors:
+            value = need(f"test_unet_dice_native_{kind}_{target}")
+            floor = float(config.dice_floors[target])
+            baseline = metrics.get(f"test_baseline_dice_native_{kind}_{target}", float("nan"))
+            checks.append(GateCheck(f"native Dice {target} ({kind})", value,
+                                    f">= floor {floor:.3f} (baseline {baseline:.4f})", value >= floor))
+    return checks
+
+
+@dataclasses.dataclass(frozen=True)
+class ChampionComparison:
+    """Condition (b): challenger minus champion on the challenger's test split, both re-scored."""
+
+    comparable: bool
+    reason: str
+    challenger: float = float("nan")
+    champion: float = float("nan")
+    difference: float = float("nan")
+    ci95: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def passed(self) -> bool:
+        """Whether the challenger beats the champion (lower bound of the paired interval above 0)."""
+        return self.comparable and self.ci95[0] > 0
+
+    def check(self, version: str) -> GateCheck:
+        """Return the comparison as a gate row."""
+        if not self.comparable:
+            return GateCheck(f"beats champion v{version}", float("nan"), self.reason, False)
+        return GateCheck(f"challenger minus champion v{version}, re-scored on this test split", self.difference,
+                         f"95% CI [{self.ci95[0]:+.4f}, {self.ci95[1]:+.4f}] (champion {self.champion:.4f}); "
+                         "lower bound must be > 0", self.passed)
+
+
+def _onnx_probabilities(path: Path, threads: int):
+    session = open_session(path, threads=threads)
+    return lambda images: sigmoid(session.run(images))
+
+
+def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spec: dict[str, Any],
+                          champion: tracking.ModelVersion) -> ChampionComparison:
+    """Re-score the champion's and the challenger's ONNX models on the challenger's test split.
+
+    Raises:
+        UserError: the dataset is unreadable or the champion's model cannot be downloaded.
+    """
+    index, contract = read_dataset(dataset)
+    test_rows = index[index["split"] == "test"]
+    if test_rows.empty:
+        raise UserError(f"{dataset / 'index.parquet'}: the test split is empty")
+    kind = _statistic(config.metric)
+    with tempfile.TemporaryDirectory() as work:
+        local = tracking.download_model_artifacts(f"models:/{config.name}/{champion.version}", Path(work))
+        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+        if not candidates:
+            return ChampionComparison(False, f"champion v{champion.version} holds no .onnx file")
+        champion_onnx = candidates[0]
+        champion_spec = read_io_spec(champion_onnx)
+        if PreprocessParams.from_dict(champion_spec["preprocessing"]) != PreprocessParams.from_dict(contract):
+            # Another input size or normalisation: this dataset's stored images are not its input.
+            return ChampionComparison(False, f"champion v{champion.version} uses another preprocessing contract "
+                                             f"(size {champion_spec['preprocessing'].get('size')} vs "
+                                             f"{contract.get('size')}); register it under another name")
+        scores = {}
+        for role, path, model_spec in (("challenger", onnx, spec), ("champion", champion_onnx, champion_spec)):
+            scores[role] = score_native(dataset, test_rows, _onnx_probabilities(path, config.threads),
+                                        np.asarray(model_spec["threshold"], np.float32), config.batch_size,
+                                        desc=f"re-score {role}")
+    paired = paired_bootstrap(scores["challenger"].counts["all"], scores["champion"].counts["all"],
+                              scores["challenger"].patients, kind, config.bootstrap_resamples, config.bootstrap_seed)
+    return ChampionComparison(True, "re-scored", paired.a, paired.b, paired.difference, paired.ci95)
+
+
+def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | None = None) -> RegisterResult:
     """Register the model and apply the promotion gate.
 
     Args:
-        config: the registered model name, the promotion margin and the metric it compares.
+        config: the registered model name, the gate's metric, floors and bootstrap.
         onnx: the fp32 .onnx written by export (its export report must sit beside it).
+        dataset: the preprocessed dataset the model was tested on (to re-score the champion).
         decision_out: optional JSON file for the decision (for orchestrators).
 
     Raises:
         UserError: the file is not an exported model, its export did not pass parity, or the run has
-            no test metric.
+            no test metrics.
     """
     name = config.name
     if not onnx.is_file():
@@ -69,11 +197,14 @@ def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) ->
         raise UserError(f"{report_path}: export report missing or unreadable (run `mammoseg export`)") from None
     if not report.get("variants", {}).get("fp32", {}).get("passed"):
         raise UserError(f"{report_path}: the export did not pass the parity gate; not registering")
+    if not dataset.is_dir():
+        raise UserError(f"{dataset}: dataset folder not found")
     onnx_sha = sha256_of(onnx)
     tags, metrics = tracking.run_data(run_id)
-    score = _metric(metrics, tags, config.metric)
-    if score is None:
+    if config.metric not in metrics:
         raise UserError(f"MLflow run {run_id} has no {config.metric} (run `mammoseg evaluate` first)")
+    score = float(metrics[config.metric])
+    checks = baseline_checks(metrics, config)
 
     existing = [v for v in tracking.find_versions(name, run_id) if v.tags.get("onnx_sha256") == onnx_sha]
     decided = [v for v in existing if "promotion_decision" in v.tags]
@@ -82,7 +213,7 @@ def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) ->
         log.info("%s version %s already holds this model (run %s): nothing to do", name, version.version, run_id)
         result = RegisterResult(name, version.version, version.tags.get("promoted") == "true",
                                 version.tags["promotion_decision"], True)
-        _write_decision(decision_out, result, score, None)
+        _write_decision(decision_out, result, score, None, [])
         return result
     if existing:
         # A previous run registered the version but stopped before the gate: finish its job.
@@ -94,7 +225,7 @@ def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) ->
                    "onnx_sha256": onnx_sha, "validation_success": tags.get("validation_success", "unknown"),
                    "parity": "passed",
                    "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
-                   config.metric: f"{score:.6f}", "threshold": spec.get("threshold")}
+                   config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
         multiple = int(spec["input"]["size_multiple"])
         example = np.zeros((1, 1, multiple, multiple), np.float32)
         # Upload first, register second: an interrupted upload leaves no version behind.
@@ -104,35 +235,55 @@ def run(config: RegisterConfig, onnx: Path, decision_out: Path | None = None) ->
     tracking.set_alias(name, CHALLENGER, version.version)
 
     champion = tracking.version_by_alias(name, CHAMPION)
-    champion_score = None if champion is None else _metric({}, champion.tags, config.metric)
-    if champion is None:
-        promoted, decision = True, "promoted: no champion yet"
-    elif champion.tags.get("dataset_digest") != spec.get("dataset_digest"):
-        other = champion.tags.get("dataset_digest", "?")[:12]
-        promoted, decision = False, (f"kept champion v{champion.version}: it was tested on another split "
-                                     f"(dataset {other}); re-evaluate to compare")
-    elif champion_score is not None and score > champion_score + config.promotion_margin:
-        promoted, decision = True, (f"promoted: {config.metric} {score:.4f} beats champion v{champion.version} "
-                                    f"{champion_score:.4f} by more than {config.promotion_margin}")
+    if champion is not None and champion.version == version.version:
+        champion = None  # re-gating the champion itself: nothing to compare against
+    failed = [check.condition for check in checks if not check.passed]
+    comparison = None
+    if failed:
+        promoted, decision = False, "stays @challenger: fails " + "; ".join(failed)
+    elif champion is None:
+        promoted, decision = True, "promoted: beats the baseline and every floor; no champion yet"
     else:
-        promoted, decision = False, (f"kept champion v{champion.version}: {config.metric} {score:.4f} does not beat "
-                                     f"{champion_score if champion_score is not None else float('nan'):.4f} "
-                                     f"+ {config.promotion_margin}")
+        comparison = compare_with_champion(config, dataset, onnx, spec, champion)
+        checks.append(comparison.check(champion.version))
+        if comparison.passed:
+            promoted, decision = True, (f"promoted: beats the baseline, every floor and champion v{champion.version} "
+                                        f"({comparison.difference:+.4f}, 95% CI [{comparison.ci95[0]:+.4f}, "
+                                        f"{comparison.ci95[1]:+.4f}])")
+        elif comparison.comparable:
+            promoted, decision = False, (f"stays @challenger: does not beat champion v{champion.version} "
+                                         f"({comparison.difference:+.4f}, 95% CI [{comparison.ci95[0]:+.4f}, "
+                                         f"{comparison.ci95[1]:+.4f}] includes 0 or lies below)")
+        else:
+            promoted, decision = False, f"stays @challenger: {comparison.reason}"
     if promoted:
         tracking.set_alias(name, CHAMPION, version.version)
     tracking.set_version_tags(name, version.version, {
         "promoted": str(promoted).lower(), "promotion_decision": decision,
         "champion_before": "none" if champion is None else champion.version,
-        "champion_score_before": "none" if champion_score is None else f"{champion_score:.6f}"})
-    log.info("%s version %s @%s; %s", name, version.version, CHALLENGER, decision)
+        **{f"gate_{i}": f"{'pass' if c.passed else 'fail'}: {c.condition} = {c.value:.4f} ({c.reference})"
+           for i, c in enumerate(checks)}})
+    tracking.set_version_description(name, version.version, _description(config, score, checks, decision))
+    (log.info if promoted else log.warning)("%s version %s @%s%s; %s", name, version.version, CHALLENGER,
+                                            f" @{CHAMPION}" if promoted else "", decision)
     result = RegisterResult(name, version.version, promoted, decision, False)
-    _write_decision(decision_out, result, score, champion_score)
+    _write_decision(decision_out, result, score, comparison, checks)
     return result
 
 
-def _write_decision(path: Path | None, result: RegisterResult, score: float, champion_score: float | None) -> None:
+def _description(config: RegisterConfig, score: float, checks: list[GateCheck], decision: str) -> str:
+    """The version's description: the gate's table and decision (markdown, shown in the MLflow UI)."""
+    lines = [f"**{config.metric}** = {score:.4f}", "", "| gate condition | value | reference | result |",
+             "|---|---|---|---|", *(check.row() for check in checks), "", f"**Decision:** {decision}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_decision(path: Path | None, result: RegisterResult, score: float,
+                    comparison: ChampionComparison | None, checks: list[GateCheck]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {**dataclasses.asdict(result), "score": score, "champion_score": champion_score}
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    payload: dict[str, Any] = {**dataclasses.asdict(result), "score": score,
+                               "gate": [dataclasses.asdict(check) for check in checks],
+                               "champion_comparison": None if comparison is None else dataclasses.asdict(comparison)}
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n"))

@@ -6,36 +6,72 @@ import json
 import math
 
 import mlflow
+import numpy as np
 import pandas as pd
+from PIL import Image
 
+from mammoseg.data import read_native_masks
+from mammoseg.preprocessing import Transform, to_original_grid
 from mammoseg.tracking import read_run_id
+
+TARGETS = ("mass", "calcification", "all")
 
 
 def test_metrics_report_and_run(trained_model, prepared_data, mlflow_server):
     root = trained_model.parent
     metrics = json.loads((root / "metrics.json").read_text())
     index = pd.read_parquet(prepared_data.dataset / "index.parquet")
-    assert metrics["images"] == int((index["split"] == "test").sum())
-    for method in ("unet", "baseline"):
-        for kind in ("dice_pooled", "dice_mean_image"):
-            for target in ("mass", "calcification", "all"):
-                entry = metrics[method][kind][target]
+    test = index[index["split"] == "test"]
+    assert metrics["images"] == len(test) and metrics["patients"] == test["patient_id"].nunique()
+    for method in ("unet", "baseline", "ceiling"):
+        for kind in ("pooled", "mean_image"):
+            for target in TARGETS:
+                entry = metrics["native"][method][kind][target]
                 low, high = entry["ci95"]
                 if not math.isnan(entry["value"]):
                     assert 0.0 <= low <= high <= 1.0
-    detection = metrics["unet"]["detection"]
+    for kind in ("pooled", "mean_image"):
+        for target in TARGETS:
+            paired = metrics["paired_unet_vs_baseline"][kind][target]
+            assert set(paired) == {"difference", "ci95", "a", "b"}
+    detection = metrics["detection"]
     assert set(detection) == {"mass", "calcification"}
-    assert {"sensitivity", "false_positives_per_image"} <= set(detection["mass"])
+    assert {"sensitivity", "false_positives_per_image", "froc", "min_iou"} <= set(detection["mass"])
+    assert {"sensitivity_at_0.5_fp", "sensitivity_at_1_fp"} <= set(detection["mass"]["froc"])
 
-    per_image = pd.read_csv(root / "evaluation" / "per_image.csv", dtype={"image_id": str})
-    assert sorted(per_image["image_id"]) == sorted(index.loc[index["split"] == "test", "image_id"])
-    assert {"unet_dice_all", "baseline_dice_all", "masses", "calc_clusters_found"} <= set(per_image.columns)
+    per_image = pd.read_csv(root / "evaluation" / "per_image.csv", dtype={"image_id": str, "patient_id": str})
+    assert sorted(per_image["image_id"]) == sorted(test["image_id"])
+    needed = {"image_id", "patient_id", *(f"{p}_{t}" for p in ("dice_native", "ceiling_native") for t in TARGETS)}
+    assert needed <= set(per_image.columns)
+    cases = json.loads((root / "evaluation" / "summary.json").read_text())
+    assert len(cases["metric_per_case"]) == len(test)
+    assert {"Dice", "IoU", "TP", "FP", "FN"} <= set(cases["metric_per_case"][0]["metrics"]["mass"])
     summary = (root / "evaluation" / "summary.md").read_text()
-    assert "| unet | all |" in summary and "| baseline | all |" in summary
+    assert "| unet | all |" in summary and "| baseline | all |" in summary and "| ceiling | all |" in summary
+    assert "## How the numbers are made" in summary and "bootstrap over patients" in summary
     assert (root / "evaluation" / "overlays" / "worst.png").is_file()
+    assert (root / "evaluation" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 
     run = mlflow.MlflowClient(mlflow_server.url).get_run(read_run_id(trained_model))
-    assert "test_unet_dice_pooled_all" in run.data.metrics
-    assert "test_baseline_dice_pooled_all" in run.data.metrics
+    for key in ("test_unet_dice_native_mean_image_all", "test_baseline_dice_native_mean_image_all",
+                "test_unet_vs_baseline_native_mean_image_all_ci_low", "test_unet_mass_froc_sensitivity_at_1_fp"):
+        assert key in run.data.metrics, key
     artifacts = [a.path for a in mlflow.MlflowClient(mlflow_server.url).list_artifacts(run.info.run_id, "evaluation")]
     assert "evaluation/summary.md" in artifacts and "evaluation/metrics.json" in artifacts
+
+
+def test_ceiling_is_the_round_trip_of_the_ground_truth(trained_model, prepared_data):
+    per_image = pd.read_csv(trained_model.parent / "evaluation" / "per_image.csv", dtype={"image_id": str})
+    index = pd.read_parquet(prepared_data.dataset / "index.parquet").set_index("image_id")
+    for record in per_image.itertuples(index=False):
+        row = index.loc[record.image_id]
+        truth = read_native_masks(prepared_data.dataset, pd.Series({**row, "image_id": record.image_id}))
+        stored = np.array(Image.open(prepared_data.masks / f"{record.image_id}_mass.png")).astype(bool)
+        np.testing.assert_array_equal(truth[0], stored)
+        from mammoseg.data import load_example
+
+        _, grid = load_example(prepared_data.dataset, pd.Series({**row, "image_id": record.image_id}))
+        back = to_original_grid(grid[1].astype(bool), Transform.from_record(row))
+        if truth[1].any():
+            dice = 2 * (back & truth[1]).sum() / (back.sum() + truth[1].sum())
+            assert abs(dice - record.ceiling_native_calcification) < 1e-9

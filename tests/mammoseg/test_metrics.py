@@ -16,8 +16,10 @@ from mammoseg.metrics import (
     choose_threshold,
     dice_counts,
     dice_from_counts,
+    froc,
     lesion_detection,
     mean_image_dice,
+    paired_bootstrap,
     per_image_dice,
     pooled_dice,
     remove_large_components,
@@ -108,6 +110,35 @@ def test_bootstrap_ci_edge_cases():
         bootstrap_ci(empty, "median", n_resamples=10, seed=0)
 
 
+def test_patient_bootstrap_is_wider_than_image_bootstrap_when_views_are_correlated():
+    # 10 patients with 4 identical views each: 40 images, but only 10 independent samples.
+    per_patient = _random_counts(10, seed=3)
+    counts = [c for c in per_patient for _ in range(4)]
+    patients = [f"p{i}" for i in range(10) for _ in range(4)]
+    by_image = bootstrap_ci(counts, "mean_image", n_resamples=2000, seed=0)
+    by_patient = bootstrap_ci(counts, "mean_image", n_resamples=2000, seed=0, groups=patients)
+    assert by_patient[1] - by_patient[0] > 1.5 * (by_image[1] - by_image[0])
+    # One image per patient: the same as resampling images.
+    assert bootstrap_ci(per_patient, "pooled", 500, 1, groups=[f"p{i}" for i in range(10)]) == \
+        bootstrap_ci(per_patient, "pooled", 500, 1)
+
+
+def test_paired_bootstrap_sees_a_consistent_small_gain():
+    # B is A minus a little on every image: unpaired intervals overlap, the paired one excludes 0.
+    a = _random_counts(30, seed=4)
+    b = [DiceCounts(max(0, c.intersection - 3), c.pred_sum, c.gt_sum) for c in a]
+    patients = [f"p{i // 2}" for i in range(30)]
+    paired = paired_bootstrap(a, b, patients, "pooled", n_resamples=1000, seed=0)
+    assert paired.difference > 0 and paired.ci95[0] > 0
+    low_a, _ = bootstrap_ci(a, "pooled", 1000, 0, groups=patients)
+    _, high_b = bootstrap_ci(b, "pooled", 1000, 0, groups=patients)
+    assert low_a < high_b  # the unpaired intervals overlap
+    same = paired_bootstrap(a, a, patients, "mean_image", n_resamples=200, seed=0)
+    assert same.difference == 0 and same.ci95 == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap(a, b[:-1], patients, "pooled", 10, 0)
+
+
 def test_bootstrap_ci_large_is_vectorised():
     # 1000 resamples x 400 images must be a matter of milliseconds, not a Python loop over resamples.
     counts = _random_counts(400, seed=2)
@@ -120,22 +151,35 @@ def test_bootstrap_ci_large_is_vectorised():
 
 def test_lesion_detection_found_missed_false_positive():
     gt = np.zeros((20, 20), dtype=bool)
-    gt[2:5, 2:5] = True  # found: the prediction covers one of its pixels
-    gt[10:12, 10:12] = True  # missed
-    gt[16, 3] = gt[17, 4] = True  # one lesion through 8-connectivity, found
+    gt[2:5, 2:5] = True  # found: a prediction of 9 px shares 4 -> IoU 4 / 14 >= 0.2
+    gt[10:12, 10:12] = True  # missed: touched by one pixel only (IoU 1 / 4... of a 12 px prediction)
+    gt[16, 3] = gt[17, 4] = True  # one lesion through 8-connectivity, found exactly
     pred = np.zeros_like(gt)
-    pred[4:7, 4:7] = True  # overlaps the first lesion at (4, 4)
-    pred[17, 4] = True  # a speck on the diagonal lesion
+    pred[3:6, 3:6] = True
+    pred[11:15, 11:14] = True  # overlaps the second lesion by 1 px: IoU 1 / 15 < 0.2, a false positive
+    pred[16, 3] = pred[17, 4] = True
     pred[0, 15:18] = True  # false positive
-    counts = lesion_detection(pred, gt, cluster_radius_px=0)
-    assert counts == DetectionCounts(n_gt=3, n_found=2, n_pred=3, n_false_positive=1)
+    counts = lesion_detection(pred, gt, cluster_radius_px=0, min_iou=0.2)
+    assert counts == DetectionCounts(n_gt=3, n_found=2, n_pred=4, n_false_positive=2)
+    # Any touch would have counted the second lesion as found: the IoU rule is what refuses it.
+    assert lesion_detection(pred, gt, cluster_radius_px=0, min_iou=0.05).n_found == 3
+
+
+def test_a_prediction_covering_the_breast_detects_nothing():
+    gt = _mask((200, 200), (50, 50), (120, 140))
+    gt[100:120, 30:50] = True  # a mass
+    blanket = np.zeros_like(gt)
+    blanket[5:195, 5:150] = True  # the whole "breast"
+    for radius, min_iou in ((0, 0.2), (10, 0.1)):
+        counts = lesion_detection(blanket, gt, radius, min_iou)
+        assert counts.n_found == 0 and counts.n_false_positive == counts.n_pred == 1
 
 
 def test_lesion_detection_empty_masks():
     empty = np.zeros((8, 8), dtype=bool)
-    assert lesion_detection(empty, empty, 0) == DetectionCounts(0, 0, 0, 0)
-    assert lesion_detection(_mask((8, 8), (3, 3)), empty, 5) == DetectionCounts(0, 0, 1, 1)
-    assert lesion_detection(empty, _mask((8, 8), (3, 3)), 5) == DetectionCounts(1, 0, 0, 0)
+    assert lesion_detection(empty, empty, 0, 0.2) == DetectionCounts(0, 0, 0, 0)
+    assert lesion_detection(_mask((8, 8), (3, 3)), empty, 5, 0.1) == DetectionCounts(0, 0, 1, 1)
+    assert lesion_detection(empty, _mask((8, 8), (3, 3)), 5, 0.1) == DetectionCounts(1, 0, 0, 0)
 
 
 # "3 px apart": centre distance 3 (two background pixels between), or three background pixels between.
@@ -143,23 +187,34 @@ def test_lesion_detection_empty_masks():
 def test_clustering_merges_close_specks_only_with_a_large_radius(gap):
     gt = _mask((30, 30), (10, 10), (10, 10 + gap))
     pred = _mask((30, 30), (10, 10))
-    assert lesion_detection(pred, gt, cluster_radius_px=1) == DetectionCounts(2, 1, 1, 0)
-    assert lesion_detection(pred, gt, cluster_radius_px=5) == DetectionCounts(1, 1, 1, 0)
+    assert lesion_detection(pred, gt, cluster_radius_px=1, min_iou=0.5) == DetectionCounts(2, 1, 1, 0)
+    # One cluster of two specks; predicting one of them covers a good part of the cluster's region.
+    assert lesion_detection(pred, gt, cluster_radius_px=5, min_iou=0.1) == DetectionCounts(1, 1, 1, 0)
 
 
-def test_clustering_counts_clusters_not_pixels_of_the_grown_area():
-    # Two calcification clusters of three specks each, far apart; the prediction hits one speck of the
-    # first cluster, lands near (not on) the second, and adds a far false-positive cluster of two specks.
+def test_clustering_matches_cluster_regions():
+    # Two calcification clusters of three specks each, far apart; the prediction marks the first
+    # cluster's specks, lands near (not on) the second, and adds a far false-positive cluster.
     gt = _mask((100, 100), (10, 10), (12, 13), (14, 10), (60, 60), (62, 63), (64, 60))
-    pred = _mask((100, 100), (12, 13), (61, 61), (90, 90), (90, 93))
-    counts = lesion_detection(pred, gt, cluster_radius_px=5)
-    # (61, 61) is within 5 px of the second cluster's specks but overlaps none of them: the second
-    # cluster is missed and the predicted cluster {(61, 61)} is a false positive.
+    pred = _mask((100, 100), (10, 10), (12, 13), (14, 10), (80, 80), (90, 90), (90, 93))
+    counts = lesion_detection(pred, gt, cluster_radius_px=5, min_iou=0.1)
     assert counts == DetectionCounts(n_gt=2, n_found=1, n_pred=3, n_false_positive=2)
     # Chains merge (single linkage): specks 4 px apart in a line form one cluster at radius 5.
     chain = _mask((10, 40), *[(5, c) for c in range(2, 38, 4)])
-    assert lesion_detection(chain, chain, 5) == DetectionCounts(1, 1, 1, 0)
-    assert lesion_detection(chain, chain, 0) == DetectionCounts(9, 9, 9, 0)
+    assert lesion_detection(chain, chain, 5, 0.1) == DetectionCounts(1, 1, 1, 0)
+    assert lesion_detection(chain, chain, 0, 0.1) == DetectionCounts(9, 9, 9, 0)
+
+
+def test_froc_sweeps_thresholds():
+    gt = np.zeros((40, 40), dtype=bool)
+    gt[5:10, 5:10] = True
+    probability = np.zeros((40, 40), np.float32)
+    probability[5:10, 5:10] = 0.8  # the lesion, found up to 0.8
+    probability[30:33, 30:33] = 0.4  # a false positive below 0.5
+    curve = froc([probability], [gt], [0.3, 0.5, 0.9], [0.0], min_iou=0.2)
+    assert curve.sensitivity.tolist() == [1.0, 1.0, 0.0]
+    assert curve.false_positives_per_image.tolist() == [1.0, 0.0, 0.0]
+    assert curve.sensitivity_at(0.5) == 1.0 and curve.sensitivity_at(0.0) == 1.0
 
 
 def test_summarize_detection():

@@ -23,7 +23,7 @@ from mammoseg.stages import export, register
 from tests.conftest import REPO_ROOT, stage_config_for
 
 MODEL_NAME = "mammoseg-test"
-METRIC = "test_unet_dice_pooled_all"
+METRIC = "test_unet_dice_native_mean_image_all"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_export_passes_checker_parity_and_carries_its_contract(exported, trained
     assert spec["training_run_id"] == tracking.read_run_id(trained_model)
     assert spec["output"]["channels"] == ["mass", "calcification"]
     assert spec["input"]["size_multiple"] == 128 and spec["preprocessing"]["size"] == 128
-    assert 0 < spec["threshold"] < 1 and spec["parameters"] == 5_440_907
+    assert len(spec["threshold"]) == 2 and all(0 < t < 1 for t in spec["threshold"])
+    assert spec["parameters"] == 5_440_907
     assert len(spec["git_commit"]) == 40 and len(spec["dataset_digest"]) == 64
 
 
@@ -60,51 +61,102 @@ def test_export_gate_refuses_a_mismatch(trained_model, prepared_data, tracking_e
     assert not out.exists()
 
 
-def _another_run(trained_model: Path, dataset: Path, tmp_path: Path, score: float, tag: str) -> Path:
-    """A copy of the model under a new run whose test score the test sets (the gate reads only that)."""
+PASSING = {"test_unet_vs_baseline_native_mean_image_all_difference": 0.3,
+           "test_unet_vs_baseline_native_mean_image_all_ci_low": 0.1,
+           "test_unet_vs_baseline_native_mean_image_all_ci_high": 0.5,
+           "test_unet_dice_native_mean_image_mass": 0.5, "test_unet_dice_native_mean_image_calcification": 0.3,
+           "test_unet_dice_native_mean_image_all": 0.4}
+
+
+def _variant_model(trained_model: Path, dataset: Path, tmp_path: Path, tag: str, head_bias: float) -> Path:
+    """Export a copy of the trained model whose output is constant (bias +-20: everything or nothing),
+    under a new run whose test metrics pass condition (a) of the gate; condition (b) then depends only
+    on re-scoring the ONNX models, which these constant models make predictable."""
+    import torch
+
+    from mammoseg.inference import MODEL_FILE
+
     tags, _ = tracking.run_data(tracking.read_run_id(trained_model))
     model_dir = tmp_path / f"model-{tag}"
     shutil.copytree(trained_model, model_dir)
+    payload = torch.load(model_dir / MODEL_FILE, weights_only=True)
+    payload["state_dict"]["head.weight"].zero_()
+    payload["state_dict"]["head.bias"].fill_(head_bias)
+    torch.save(payload, model_dir / MODEL_FILE)
     with tracking.training_run("mammoseg-test", f"run-{tag}", log_system_metrics=False) as run:
         run.set_tags({k: tags[k] for k in ("dataset_digest", "git_commit", "data_dvc_hash") if k in tags})
-        run.log_metrics({METRIC: score})
+        run.log_metrics(PASSING)
     tracking.write_run_id(model_dir, run.run_id)
     out = tmp_path / f"onnx-{tag}" / "model.onnx"
     export.run(stage_config_for("export", int8=False, latency_repeats=1), model_dir, dataset, out)
     return out
 
 
-def test_register_gate_and_idempotency(exported, trained_model, prepared_data, tracking_env, tmp_path):
+def test_a_useless_model_is_registered_but_never_champion(exported, prepared_data, tracking_env, tmp_path, caplog):
+    # The session's model trained for 2 epochs: evaluate's real metrics, the real gate.
+    config = stage_config_for("register", name=f"{MODEL_NAME}-useless")
+    result = register.run(config, exported, prepared_data.dataset, tmp_path / "decision.json")
+    client = mlflow.MlflowClient(tracking_env.url)
+    assert (result.version, result.promoted) == ("1", False)
+    assert client.get_model_version_by_alias(config.name, "challenger").version == "1"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(config.name, "champion")
+    assert result.decision.startswith("stays @challenger: fails ")
+    assert "U-Net minus baseline" in result.decision or "native Dice" in result.decision
+    assert any(result.decision in record.getMessage() for record in caplog.records)
+    version = client.get_model_version(config.name, "1")
+    assert "| gate condition |" in version.description and "FAIL" in version.description
+    assert version.tags["promoted"] == "false" and any(k.startswith("gate_") for k in version.tags)
+    decision = json.loads((tmp_path / "decision.json").read_text())
+    assert decision["promoted"] is False and any(not check["passed"] for check in decision["gate"])
+
+
+def test_register_gate_and_idempotency(trained_model, prepared_data, tracking_env, tmp_path):
     config = stage_config_for("register", name=MODEL_NAME)
     client = mlflow.MlflowClient(tracking_env.url)
-    first = register.run(config, exported, tmp_path / "decision.json")
+    nothing = _variant_model(trained_model, prepared_data.dataset, tmp_path, "nothing", -20.0)
+    first = register.run(config, nothing, prepared_data.dataset, tmp_path / "decision.json")
     assert (first.version, first.promoted, first.already_registered) == ("1", True, False)
-    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == "1"
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
     version = client.get_model_version(MODEL_NAME, "1")
-    assert version.run_id == tracking.read_run_id(trained_model)
     for key in ("run_id", "data_dvc_hash", "git_commit", "validation_success", "parity", METRIC,
                 "promotion_decision", "onnx_sha256"):
         assert key in version.tags, key
-    assert json.loads((tmp_path / "decision.json").read_text())["decision"] == "promoted: no champion yet"
+    assert json.loads((tmp_path / "decision.json").read_text())["decision"].startswith("promoted: beats the baseline")
 
-    again = register.run(config, exported)
+    again = register.run(config, nothing, prepared_data.dataset)
     assert (again.version, again.already_registered) == ("1", True)
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 1
 
-    champion_score = float(version.tags[METRIC])
-    better = _another_run(trained_model, prepared_data.dataset, tmp_path, champion_score + 0.1, "better")
-    promoted = register.run(config, better)
-    assert (promoted.version, promoted.promoted) == ("2", True)
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "2"
+    # The same model again (another run): the paired test cannot tell them apart, the champion stays.
+    same = _variant_model(trained_model, prepared_data.dataset, tmp_path, "same", -20.0)
+    kept = register.run(config, same, prepared_data.dataset)
+    assert (kept.version, kept.promoted) == ("2", False)
+    assert "does not beat champion v1" in kept.decision
+    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == "2"
 
-    worse = _another_run(trained_model, prepared_data.dataset, tmp_path, champion_score - 0.1, "worse")
-    kept = register.run(config, worse)
-    assert (kept.version, kept.promoted) == ("3", False)
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "2"
-    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == "3"
-    assert "kept champion v2" in client.get_model_version(MODEL_NAME, "3").tags["promotion_decision"]
+    # Predicting everything finds some lesion pixels in every test patient; predicting nothing none.
+    everything = _variant_model(trained_model, prepared_data.dataset, tmp_path, "everything", 20.0)
+    promoted = register.run(config, everything, prepared_data.dataset)
+    assert (promoted.version, promoted.promoted) == ("3", True), promoted.decision
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "3"
+    assert "challenger minus champion v1" in client.get_model_version(MODEL_NAME, "3").description
     assert all(v.current_stage in (None, "None") for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
+
+
+def test_a_champion_scored_on_another_split_is_re_scored_not_blocking(trained_model, prepared_data, tracking_env,
+                                                                     tmp_path):
+    from mammoseg.stages import preprocess
+
+    other = tmp_path / "other-split"
+    preprocess.run(stage_config_for("preprocess", size=128, workers=1, seed=7), prepared_data.manifest,
+                   prepared_data.masks, other)
+    config = stage_config_for("register", name=f"{MODEL_NAME}-resplit")
+    nothing = _variant_model(trained_model, prepared_data.dataset, tmp_path, "nothing-a", -20.0)
+    assert register.run(config, nothing, prepared_data.dataset).promoted
+    everything = _variant_model(trained_model, other, tmp_path, "everything-b", 20.0)
+    result = register.run(config, everything, other)
+    assert result.promoted and "beats the baseline, every floor and champion v1" in result.decision
 
 
 def _predict(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -177,3 +229,24 @@ def test_laterality_falls_back_from_header_to_file_name_to_image(prepared_data, 
     shutil.copy(right, anonymous)
     assert laterality(anonymous, None, pixels, params) == ("R", "image")
     assert laterality(anonymous, None, pixels[:, ::-1], params) == ("L", "image")
+
+
+def test_evaluate_scores_exactly_what_predict_delivers(exported, trained_model, prepared_data, tmp_path):
+    import pandas as pd
+
+    per_image = pd.read_csv(trained_model.parent / "evaluation" / "per_image.csv", dtype={"image_id": str})
+    dicoms = pd.read_parquet(prepared_data.manifest).set_index("image_id")["dicom_path"]
+    proc = _predict(["--model", str(exported), "--input", *(dicoms[i] for i in per_image["image_id"]),
+                     "--out", str(tmp_path / "out")], {})
+    assert proc.returncode == 0, proc.stderr
+    for record in per_image.itertuples(index=False):
+        label = np.array(Image.open(tmp_path / "out" / f"{Path(dicoms[record.image_id]).stem}_mask.png"))
+        truth = {name: np.array(Image.open(prepared_data.masks / f"{record.image_id}_{name}.png")).astype(bool)
+                 for name in ("mass", "calcification")}
+        # The PNG holds one label per pixel (calcification wins an overlap): compare the merged masks.
+        predicted, gt = label > 0, truth["mass"] | truth["calcification"]
+        if predicted.any() or gt.any():
+            dice = 2 * (predicted & gt).sum() / (predicted.sum() + gt.sum())
+            assert abs(dice - record.dice_native_all) <= 0.005, record.image_id
+        else:
+            assert np.isnan(record.dice_native_all)
