@@ -195,8 +195,9 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
     for name, spec in STAGES.items():
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         for path in spec.paths:
+            # argparse %-formats help texts: a literal "95%" must be "95%%".
             sub.add_argument(path.flag, type=Path if path.path else str, nargs=path.nargs,
-                             required=path.required, help=path.help)
+                             required=path.required, help=path.help.replace("%", "%%"))
         if name in STAGE_CONFIGS:
             _add_config_flags(sub, name, params.get(name) or {})
     return parser
@@ -205,10 +206,11 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
 def _params_for_help(argv: Sequence[str]) -> tuple[dict[str, Any], Path | None]:
     """Read params.yaml early (before parsing) so flag help can show defaults; tolerate its absence."""
     path = None
-    if "--params" in argv:
-        index = list(argv).index("--params")
-        if index + 1 < len(argv):
+    for index, token in enumerate(argv):
+        if token == "--params" and index + 1 < len(argv):
             path = Path(argv[index + 1])
+        elif token.startswith("--params="):  # the one-token spelling must not fall back to ./params.yaml
+            path = Path(token.split("=", 1)[1])
     try:
         return load_params(path), path
     except UserError:

@@ -83,6 +83,7 @@ class TrainConfig:
     max_filters: int
     conv: str
     residual: bool
+    norm: str
     epochs: int
     batch_size: int
     grad_accum_steps: int
@@ -93,6 +94,11 @@ class TrainConfig:
     bce_weight: float
     bce_pos_weight: float
     foreground_prior: float
+    mass_image_share: float
+    patch_size: int
+    patch_lesion_prob: float
+    selection_ema: float
+    min_epochs: int
     early_stopping_patience: int
     aug_vflip_prob: float
     aug_rotate_deg: float
@@ -124,6 +130,9 @@ class EvaluateConfig:
     bootstrap_seed: int
     cluster_radius_mm: float
     pixel_spacing_mm: float
+    mass_min_iou: float
+    calcification_min_iou: float
+    froc_thresholds: list[float]
     worst_k: int
     baseline_grid: list[float]
     device: str
@@ -149,8 +158,12 @@ class RegisterConfig:
     """Model Registry (`mammoseg register`): model name and promotion gate."""
 
     name: str
-    promotion_margin: float
     metric: str
+    dice_floors: dict[str, float]
+    bootstrap_resamples: int
+    bootstrap_seed: int
+    batch_size: int
+    threads: int
 
 
 @dataclasses.dataclass(frozen=True)

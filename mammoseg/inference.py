@@ -32,14 +32,14 @@ class TrainedModel:
     Attributes:
         network: the network, in eval mode.
         architecture: LightUNet keyword arguments.
-        threshold: decision threshold on the sigmoid probabilities, chosen on validation.
+        threshold: decision thresholds on the sigmoid probabilities, one per class, chosen on validation.
         preprocessing: the dataset's preprocessing contract (target size, normalisation, flip rule).
         parameters: number of parameters.
     """
 
     network: LightUNet
     architecture: dict[str, Any]
-    threshold: float
+    threshold: tuple[float, ...]
     preprocessing: dict[str, Any]
     parameters: int
 
@@ -57,11 +57,27 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_model(path: Path, network: LightUNet, architecture: dict[str, Any], threshold: float,
+def thresholds(value: float | Sequence[float], channels: int) -> tuple[float, ...]:
+    """Return one threshold per output channel from a stored value (older models stored one float)."""
+    if isinstance(value, int | float):
+        return (float(value),) * channels
+    out = tuple(float(v) for v in value)
+    if len(out) != channels:
+        raise ValueError(f"expected {channels} thresholds, got {list(out)}")
+    return out
+
+
+def threshold_map(threshold: Sequence[float]) -> np.ndarray:
+    """Return thresholds shaped (C, 1, 1) to compare with (C, H, W) probabilities."""
+    return np.asarray(threshold, np.float32)[:, None, None]
+
+
+def save_model(path: Path, network: LightUNet, architecture: dict[str, Any], threshold: Sequence[float],
                preprocessing: dict[str, Any]) -> None:
     """Write model.pt atomically (weights on CPU, so it loads anywhere)."""
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    payload = {"state_dict": state, "architecture": architecture, "threshold": float(threshold),
+    payload = {"state_dict": state, "architecture": architecture,
+               "threshold": thresholds(threshold, network.out_channels),
                "preprocessing": preprocessing}
     write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
@@ -84,23 +100,45 @@ def load_model(model_dir: Path, device: torch.device | None = None) -> TrainedMo
         raise UserError(f"{path}: not a mammoseg model ({str(exc).splitlines()[0][:200]})") from None
     network.eval().to(device or torch.device("cpu"))
     parameters = sum(p.numel() for p in network.parameters())
-    return TrainedModel(network, architecture, float(payload["threshold"]), dict(payload["preprocessing"]),
+    return TrainedModel(network, architecture, thresholds(payload["threshold"], network.out_channels),
+                        dict(payload["preprocessing"]),
                         parameters)
+
+
+def cpu_supports_bf16() -> bool:
+    """Tell whether this CPU has native bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays.
+
+    Elsewhere torch emulates bf16 and a step gets slower, so autocast stays off.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool) -> Iterator[torch.dtype | None]:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU or when disabled.
+    """Mixed precision: bf16 on CUDA where supported (else fp16), bf16 on CPUs with AMX/AVX512-BF16.
+
+    A no-op when disabled or on a CPU without native bf16.
 
     Yields:
         The autocast dtype, or None when running in fp32.
     """
-    if not enabled or device.type != "cuda":
+    if not enabled:
         yield None
         return
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast("cuda", dtype=dtype):
-        yield dtype
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=dtype):
+            yield dtype
+        return
+    if device.type == "cpu" and cpu_supports_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield torch.bfloat16
+        return
+    yield None
 
 
 @torch.no_grad()

@@ -58,6 +58,28 @@ from torch.utils.checkpoint import checkpoint
 
 ConvKind = Literal["standard", "separable"]
 CONV_KINDS: tuple[str, ...] = get_args(ConvKind)
+NormKind = Literal["batch", "group", "instance"]
+NORM_KINDS: tuple[str, ...] = get_args(NormKind)
+# Channels per group of GroupNorm (at most): 16 -> 2 groups ... 512 -> 64 groups.
+GROUP_NORM_CHANNELS = 8
+
+
+def norm_layer(kind: NormKind, channels: int) -> nn.Module:
+    """Return the normalisation after a convolution: BatchNorm (the paper), GroupNorm or InstanceNorm.
+
+    BatchNorm's statistics come from the batch, which at batch 2-4 and a 2x2 bottleneck are noisy and
+    differ between training and inference; GroupNorm and InstanceNorm normalise each image alone, so
+    train and eval behave alike (nnU-Net uses instance norm for its small batches). InstanceNorm
+    normalises each channel over its own pixels, which the deepest levels barely have (2x2 at 256 px);
+    GroupNorm pools GROUP_NORM_CHANNELS channels and stays well defined there.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // GROUP_NORM_CHANNELS), channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {kind!r}")
 
 
 class SeparableConv2d(nn.Sequential):
@@ -81,15 +103,15 @@ def conv3x3(in_channels: int, out_channels: int, kind: ConvKind) -> nn.Module:
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 convolution, BatchNorm, ReLU.
+    """3x3 convolution, normalisation (BatchNorm by default), ReLU.
 
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind):
+    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, norm: NormKind = "batch"):
         super().__init__(
             conv3x3(in_channels, out_channels, kind),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -103,13 +125,13 @@ class Shortcut(nn.Module):
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: NormKind = "batch"):
         super().__init__()
         self.extra_channels = max(out_channels - in_channels, 0)
         self.project: nn.Module = nn.Identity()
         if out_channels < in_channels:
             self.project = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(norm, out_channels)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,11 +148,12 @@ class DoubleConv(nn.Module):
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool):
+    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool,
+                 norm: NormKind = "batch"):
         super().__init__()
-        self.conv1 = ConvBNReLU(in_channels, out_channels, kind)
-        self.conv2 = nn.Sequential(conv3x3(out_channels, out_channels, kind), nn.BatchNorm2d(out_channels))
-        self.shortcut = Shortcut(in_channels, out_channels) if residual else None
+        self.conv1 = ConvBNReLU(in_channels, out_channels, kind, norm)
+        self.conv2 = nn.Sequential(conv3x3(out_channels, out_channels, kind), norm_layer(norm, out_channels))
+        self.shortcut = Shortcut(in_channels, out_channels, norm) if residual else None
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +170,11 @@ class Down(nn.Module):
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H/2, W/2).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool):
+    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool,
+                 norm: NormKind = "batch"):
         super().__init__()
         self.pool = nn.MaxPool2d(2)
-        self.block = DoubleConv(in_channels, out_channels, kind, residual)
+        self.block = DoubleConv(in_channels, out_channels, kind, residual, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halve the resolution of x and apply the block."""
@@ -167,11 +191,12 @@ class Up(nn.Module):
     Shapes: x (N, in_channels, H, W) and skip (N, out_channels, 2H, 2W) -> (N, out_channels, 2H, 2W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool):
+    def __init__(self, in_channels: int, out_channels: int, kind: ConvKind, residual: bool,
+                 norm: NormKind = "batch"):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.up_conv = ConvBNReLU(in_channels, out_channels, kind)
-        self.block = DoubleConv(2 * out_channels, out_channels, kind, residual)
+        self.up_conv = ConvBNReLU(in_channels, out_channels, kind, norm)
+        self.block = DoubleConv(2 * out_channels, out_channels, kind, residual, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Up-sample x to skip's resolution and merge the two."""
@@ -213,6 +238,7 @@ class LightUNet(nn.Module):
         out_channels: channels of the output logits, one per lesion class.
         checkpointing: in training, recompute each encoder/decoder stage in the backward pass instead
             of keeping its activations (less memory, ~one more forward pass of compute).
+        norm: "batch" (the paper), "group" or "instance" normalisation (see norm_layer).
 
     Raises:
         ValueError: an argument is out of range.
@@ -228,6 +254,7 @@ class LightUNet(nn.Module):
         in_channels: int = 1,
         out_channels: int = 2,
         checkpointing: bool = False,
+        norm: NormKind = "batch",
     ):
         super().__init__()
         if depth < 1:
@@ -238,6 +265,8 @@ class LightUNet(nn.Module):
             raise ValueError(f"max_filters must be None or >= filters ({filters}), got {max_filters}")
         if conv not in CONV_KINDS:
             raise ValueError(f"conv must be one of {', '.join(CONV_KINDS)}; got {conv!r}")
+        if norm not in NORM_KINDS:
+            raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}; got {norm!r}")
         self.depth = depth
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -246,9 +275,9 @@ class LightUNet(nn.Module):
         self.channels: tuple[int, ...] = tuple(min(filters * 2**level, cap) for level in range(depth + 1))
 
         c = self.channels
-        self.stem = DoubleConv(in_channels, c[0], conv, residual)
-        self.downs = nn.ModuleList(Down(c[i], c[i + 1], conv, residual) for i in range(depth))
-        self.ups = nn.ModuleList(Up(c[i + 1], c[i], conv, residual) for i in reversed(range(depth)))
+        self.stem = DoubleConv(in_channels, c[0], conv, residual, norm)
+        self.downs = nn.ModuleList(Down(c[i], c[i + 1], conv, residual, norm) for i in range(depth))
+        self.ups = nn.ModuleList(Up(c[i + 1], c[i], conv, residual, norm) for i in reversed(range(depth)))
         self.head = nn.Conv2d(c[0], out_channels, 1)
 
     @property

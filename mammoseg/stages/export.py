@@ -25,12 +25,12 @@ import torch
 
 from mammoseg import tracking
 from mammoseg.config import ExportConfig
+from mammoseg.data import CLASSES, load_examples, read_dataset
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
-from mammoseg.inference import TrainedModel, load_model
+from mammoseg.inference import TrainedModel, load_model, threshold_map
 from mammoseg.metrics import dice_counts, dice_from_counts
 from mammoseg.onnx_runtime import IO_SPEC_KEY, open_session, sigmoid
-from mammoseg.stages.train import CLASSES, load_examples, read_dataset
 from model import export_onnx
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def io_spec(trained: TrainedModel, run_id: str, tags: dict[str, str]) -> dict[st
                   "size_multiple": multiple},
         "output": {"name": "logits", "shape": ["batch", 2, "height", "width"], "dtype": "float32",
                    "channels": list(CLASSES), "activation": "sigmoid"},
-        "threshold": trained.threshold,
+        "threshold": list(trained.threshold),
         "preprocessing": trained.preprocessing,
         "parameters": trained.parameters,
         "architecture": trained.architecture,
@@ -84,9 +84,9 @@ def _torch_logits(trained: TrainedModel, image: np.ndarray) -> np.ndarray:
     return trained.network(torch.from_numpy(image[None])).numpy()[0]
 
 
-def _image_dice(logits: np.ndarray, truth: np.ndarray, threshold: float) -> float:
+def _image_dice(logits: np.ndarray, truth: np.ndarray, threshold: Sequence[float]) -> float:
     """Dice of all lesions (both classes merged) of one image; nan when both are empty."""
-    predicted = (sigmoid(logits) >= threshold).any(0)
+    predicted = (sigmoid(logits) >= threshold_map(threshold)).any(0)
     return dice_from_counts(*dice_counts(predicted, truth.any(0)))
 
 
@@ -175,7 +175,7 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
     examples = load_examples(dataset, test_rows)
     reference = [_torch_logits(trained, image) for image, _ in examples]
     spec = io_spec(trained, run_id, tags)
-    metadata = {IO_SPEC_KEY: json.dumps(spec, sort_keys=True), "threshold": str(trained.threshold),
+    metadata = {IO_SPEC_KEY: json.dumps(spec, sort_keys=True), "threshold": json.dumps(list(trained.threshold)),
                 "training_run_id": run_id, "parameters": str(trained.parameters)}
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run_id": run_id, "tolerances": dataclasses.asdict(config), "variants": {}}

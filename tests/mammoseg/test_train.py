@@ -59,7 +59,7 @@ def test_training_run_carries_what_reviewers_need(prepared_data, tracking_env, t
     assert [a.path for a in _client().list_artifacts(result.run_id, "overlays")] == [
         "overlays/epoch_001.png", "overlays/epoch_002.png"]
     summary = json.loads((tmp_path / "train.json").read_text())
-    assert summary["run_id"] == result.run_id and 0.0 <= summary["threshold"] <= 1.0
+    assert summary["run_id"] == result.run_id and all(0.0 <= t <= 1.0 for t in summary["threshold"].values())
     assert json.loads((tmp_path / "model" / "mlflow_run.json").read_text())["run_id"] == result.run_id
     assert (tmp_path / "model" / "history.csv").read_text().startswith("epoch,train_loss")
 
