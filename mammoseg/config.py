@@ -71,6 +71,7 @@ class PreprocessConfig:
     otsu_side: int
     zero_background: bool
     apply_voi: bool
+    max_channel: bool
 
 
 @dataclasses.dataclass(frozen=True)

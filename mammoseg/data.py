@@ -85,7 +85,7 @@ def load_example(dataset_dir: str | Path, index_row: Any) -> tuple[np.ndarray, n
             with `image_path` and `mask_path` relative to dataset_dir.
 
     Returns:
-        image: (1, H, W) float32 in [0, 1].
+        image: (channels, H, W) float32 in [0, 1] (channels 1, or 2 with the block-maximum channel).
         mask: (C, H, W) uint8 0/1, channels in CLASSES order.
     """
     get = getter(index_row)
@@ -93,14 +93,15 @@ def load_example(dataset_dir: str | Path, index_row: Any) -> tuple[np.ndarray, n
     # mmap: only the pages read are loaded; the division makes the one float32 copy needed.
     image = np.load(root / get("image_path"), mmap_mode="r")
     packed = np.load(root / get("mask_path"), mmap_mode="r")
-    return (image.astype(np.float32) / np.float32(IMAGE_SCALE))[None], unpack_masks(np.asarray(packed))
+    image = image.astype(np.float32) / np.float32(IMAGE_SCALE)
+    return (image[None] if image.ndim == 2 else image), unpack_masks(np.asarray(packed))
 
 
 def load_examples(dataset_dir: Path, rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
     """Load the examples of some index rows, typed for inference and scoring.
 
     Returns:
-        (image (1, H, W) float32 in [0, 1], mask (C, H, W) bool) per row.
+        (image (channels, H, W) float32 in [0, 1], mask (C, H, W) bool) per row.
     """
     return [(np.asarray(image, np.float32), np.asarray(mask, bool))
             for image, mask in (load_example(dataset_dir, row) for _, row in rows.iterrows())]

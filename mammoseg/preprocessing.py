@@ -30,7 +30,13 @@ The steps, and the choices behind them:
    when at least half of it is covered, which keeps the area within a few percent); a mass component
    that still vanishes (a sliver) gets the block of its pixel nearest its centroid. When the crop is
    smaller than the target (tiny test images), each target pixel takes its source pixel instead.
-5. **Intensity.** Values between the `percentiles` (low, high) of the breast's pixels on the resized
+5. **Block maximum (optional second channel).** With `max_channel`, a second image holds each
+   block's maximum instead of its mean, on the same intensity scale. At 256 px a block is about 16x16
+   original pixels: a 0.2-0.5 mm calcification (a few dozen pixels) is averaged to a few per cent of
+   contrast and vanishes from the mean, but it is still the block's brightest value. Computed from
+   the pixels alone, like the mean (no label involved), and windowed by its own percentiles (the
+   maximum of textured tissue sits above its mean); the network then reads (2, size, size).
+6. **Intensity.** Values between the `percentiles` (low, high) of the breast's pixels on the resized
    image (inside the dilated breast mask and above the Otsu threshold, so the thumbnail's mixed edge
    blocks do not pull `low` down to air) map linearly to [0, 1], clipped, and are rounded to the
    uint16 storage grid. With `zero_background`, pixels outside the breast (dilated by the crop
@@ -78,6 +84,7 @@ class PreprocessParams:
         otsu_side: approximate long side of the thumbnail the breast is found on.
         zero_background: set pixels outside the (dilated) breast to 0.
         apply_voi: apply the DICOM VOI window/LUT where present (mammoseg.dicom.read_image).
+        max_channel: add a second input channel holding each block's maximum (see the module text).
     """
 
     size: int
@@ -86,6 +93,12 @@ class PreprocessParams:
     otsu_side: int
     zero_background: bool
     apply_voi: bool
+    max_channel: bool = False
+
+    @property
+    def channels(self) -> int:
+        """Return the number of network input channels: block mean, and block maximum when asked."""
+        return 2 if self.max_channel else 1
 
     def __post_init__(self) -> None:
         low, high = self.percentiles
@@ -108,7 +121,8 @@ class PreprocessParams:
         """Build the parameters from `to_dict`'s output (e.g. dataset.json's "preprocessing")."""
         return cls(size=int(values["size"]), percentiles=tuple(float(p) for p in values["percentiles"]),
                    crop_margin_px=int(values["crop_margin_px"]), otsu_side=int(values["otsu_side"]),
-                   zero_background=bool(values["zero_background"]), apply_voi=bool(values["apply_voi"]))
+                   zero_background=bool(values["zero_background"]), apply_voi=bool(values["apply_voi"]),
+                   max_channel=bool(values.get("max_channel", False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +185,8 @@ class Preprocessed:
 
     Attributes:
         image: (size, size) float32 in [0, 1], chest wall on the left, zero padding bottom/right.
+        max_image: (size, size) float32 in [0, 1], each block's maximum on the same scale, or None
+            when the contract has no max channel.
         masks: (2, size, size) bool [mass, calcification], or None when no masks were given.
         transform: the geometry, for mapping masks back.
         intensity_low: the original value mapped to 0.
@@ -184,6 +200,7 @@ class Preprocessed:
     """
 
     image: np.ndarray
+    max_image: np.ndarray | None
     masks: np.ndarray | None
     transform: Transform
     intensity_low: float
@@ -192,6 +209,12 @@ class Preprocessed:
     chest_wall_left: bool
     lesion_px_outside_crop: tuple[int, ...]
     restored_components: int
+
+    @property
+    def network_input(self) -> np.ndarray:
+        """Return what the network reads: (channels, size, size) float32, block mean first."""
+        planes = [self.image] if self.max_image is None else [self.image, self.max_image]
+        return np.stack(planes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,6 +299,21 @@ class _Grid:
         by_rows = self.row_matrix[:, rows] @ data  # (content_rows, w') dense
         out = self.col_matrix[:, cols] @ by_rows.T  # (content_columns, content_rows)
         return np.ascontiguousarray(out.T, dtype=np.float32)
+
+    def maxima(self, data: np.ndarray, flip: bool) -> np.ndarray:
+        """Return each target pixel's maximum over its block, (content_rows, content_columns) float32.
+
+        Args:
+            data: the (h, w) crop in data order (`array[row_slice, col_slice]`).
+            flip: whether the crop's columns run right to left (a flipped image).
+        """
+        if self.row_targets is None or self.col_targets is None:
+            # Upsampled crops: each target pixel has one source pixel, so the maximum is the gather.
+            return self.sums(data) / self.block_areas()
+        rows = np.maximum.reduceat(data, np.flatnonzero(np.diff(self.row_targets, prepend=-1)), axis=0)
+        columns = self.col_targets[::-1] if flip else self.col_targets
+        rows = rows[:, ::-1] if flip else rows
+        return np.maximum.reduceat(rows, np.flatnonzero(np.diff(columns, prepend=-1)), axis=1).astype(np.float32)
 
     def block_areas(self) -> np.ndarray:
         """Return the number of crop pixels per target pixel, (content_rows, content_columns) float32."""
@@ -544,7 +582,9 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
     grid = _Grid.of(transform)
     outside = tuple(0 if mask is None else _pixels_outside_crop(mask, transform) for mask in masks or ())
 
-    image = grid.sums(pixels[grid.row_slice, grid.col_slice]) / grid.block_areas()
+    crop = pixels[grid.row_slice, grid.col_slice]
+    image = grid.sums(crop) / grid.block_areas()
+    max_image = grid.maxima(crop, transform.flip) if params.max_channel else None
     target_masks = None
     restored = 0
     if masks is not None:
@@ -562,20 +602,33 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
     inside = keep & (image > breast.threshold)
     # Every step-th row and column (about 2**18 pixels) gives the same percentiles 4x faster.
     step = max(1, math.isqrt(inside.size >> 18))
-    inside, sampled = inside[::step, ::step], image[::step, ::step]
-    breast_values = sampled[inside] if inside.any() else sampled
-    low, high = (float(v) for v in np.percentile(breast_values, params.percentiles))
-    if high <= low:  # a flat image: avoid dividing by zero, everything maps to 0
-        high = low + 1.0
-    image = np.clip((image - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
-    if params.zero_background and breast.found:
-        image[~keep] = 0.0
-    canvas = np.zeros((params.size, params.size), np.float32)
-    canvas[:content_rows, :content_columns] = quantize(image).astype(np.float32) / np.float32(IMAGE_SCALE)
+    inside = inside[::step, ::step]
+
+    def window(plane: np.ndarray) -> tuple[float, float]:
+        sampled = plane[::step, ::step]
+        values = sampled[inside] if inside.any() else sampled
+        low, high = (float(v) for v in np.percentile(values, params.percentiles))
+        return (low, low + 1.0) if high <= low else (low, high)  # a flat image maps to 0
+
+    low, high = window(image)
+    canvases = []
+    for plane in (image, max_image):
+        if plane is None:
+            canvases.append(None)
+            continue
+        # Each plane gets its own window: a block's maximum sits above its mean wherever the tissue has
+        # texture or noise, so the mean's window would clip the maximum everywhere.
+        plane_low, plane_high = (low, high) if plane is image else window(plane)
+        plane = np.clip((plane - np.float32(plane_low)) / np.float32(plane_high - plane_low), 0.0, 1.0)
+        if params.zero_background and breast.found:
+            plane[~keep] = 0.0
+        canvas = np.zeros((params.size, params.size), np.float32)
+        canvas[:content_rows, :content_columns] = quantize(plane).astype(np.float32) / np.float32(IMAGE_SCALE)
+        canvases.append(canvas)
 
     quarter = max(1, breast.mask.shape[1] // 4)
     chest_wall_left = bool(breast.mask[:, :quarter].sum() >= breast.mask[:, -quarter:].sum())
-    return Preprocessed(canvas, target_masks, transform, low, high, breast.found, chest_wall_left,
+    return Preprocessed(canvases[0], canvases[1], target_masks, transform, low, high, breast.found, chest_wall_left,
                         outside or (0,) * len(MASK_CHANNELS), restored)
 
 

@@ -12,4 +12,4 @@ fi
 # The pipeline: every stage of dvc.yaml, each `mammoseg <stage>`; reruns only what changed.
 dvc repro
 # What it shipped: native Dice per class with CIs, U-Net against the baseline, the registry's decision.
-mammoseg job-summary --metrics artifacts/metrics.json --registration artifacts/registration.json
+mammoseg job-summary --metrics metrics/evaluate.json --registration metrics/registration.json

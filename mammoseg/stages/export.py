@@ -62,7 +62,8 @@ def io_spec(trained: TrainedModel, run_id: str, tags: dict[str, str]) -> dict[st
     multiple = trained.network.size_multiple
     return {
         "format": IO_SPEC_FORMAT,
-        "input": {"name": "image", "shape": ["batch", 1, "height", "width"], "dtype": "float32",
+        "input": {"name": "image", "shape": ["batch", trained.network.in_channels, "height", "width"],
+                  "dtype": "float32", "channels": ["block mean", "block maximum"][:trained.network.in_channels],
                   "value_range": [0.0, 1.0],
                   "shape_rule": f"height and width are multiples of {multiple}",
                   "size_multiple": multiple},

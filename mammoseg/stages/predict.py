@@ -148,7 +148,7 @@ def network_input(path: Path, params: PreprocessParams) -> NetworkInput:
     """Decode a DICOM and preprocess it with the model's contract: a function of the DICOM alone.
 
     The preprocess stage computes the same image for the same DICOM (stored on the same uint16 grid),
-    so what predict feeds the network is what the model was evaluated on.
+    so what predict feeds the network (`prepared.network_input`) is what the model was evaluated on.
     """
     image = read_image(path, apply_voi=params.apply_voi)
     side, source = laterality(path, image.laterality, image.pixels, params)
@@ -161,7 +161,7 @@ def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.nd
     prepared_input = network_input(path, params)
     pixels, side, source = prepared_input.pixels, prepared_input.laterality, prepared_input.laterality_source
     prepared = prepared_input.prepared
-    logits = session.run(prepared.image[None, None])[0]
+    logits = session.run(prepared.network_input[None])[0]
     original = masks_on_dicom_grid(sigmoid(logits), prepared.transform, threshold)  # (2, rows, columns)
     label = np.zeros(original.shape[1:], np.uint8)
     label[original[0]] = MASK_VALUES["mass"]

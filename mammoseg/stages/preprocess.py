@@ -123,7 +123,8 @@ def params_from_config(config: PreprocessConfig) -> PreprocessParams:
         raise UserError(f"preprocess.percentiles must be two values (low, high), got {config.percentiles}")
     return PreprocessParams(size=config.size, percentiles=(config.percentiles[0], config.percentiles[1]),
                             crop_margin_px=config.crop_margin_px, otsu_side=config.otsu_side,
-                            zero_background=config.zero_background, apply_voi=config.apply_voi)
+                            zero_background=config.zero_background, apply_voi=config.apply_voi,
+                            max_channel=config.max_channel)
 
 
 def _check_fractions(fractions: Sequence[float]) -> None:
@@ -258,7 +259,8 @@ def _preprocess_one(job: _Job) -> dict[str, Any]:
     out = preprocess(decoded.pixels, job.laterality == "R", job.params, masks)
     image_path = f"{IMAGES_DIR}/{job.image_id}.npy"
     mask_file = f"{MASKS_DIR}/{job.image_id}.npy"
-    np.save(job.out_dir / image_path, quantize(out.image))
+    # (size, size) uint16, or (2, size, size) with the block-maximum channel.
+    np.save(job.out_dir / image_path, quantize(out.image if out.max_image is None else out.network_input))
     np.save(job.out_dir / mask_file, pack_masks(out.masks))
     for source in job.mask_paths:
         # Byte copies of ingest's masks: evaluate scores on the DICOM grid from the dataset alone.

@@ -227,7 +227,8 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
                    "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
                    config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
         multiple = int(spec["input"]["size_multiple"])
-        example = np.zeros((1, 1, multiple, multiple), np.float32)
+        channels = int(spec.get("architecture", {}).get("in_channels", 1))
+        example = np.zeros((1, channels, multiple, multiple), np.float32)
         # Upload first, register second: an interrupted upload leaves no version behind.
         model_uri = tracking.log_onnx_model(run_id, onnx, example)
         version = tracking.create_version(name, model_uri, run_id,

@@ -191,9 +191,9 @@ def checkpoint_path(config: TrainConfig, model_out: Path) -> Path:
     return (root / config.pipeline_run_id if config.pipeline_run_id else root) / CHECKPOINT_FILE
 
 
-def _architecture(config: TrainConfig) -> dict[str, Any]:
+def _architecture(config: TrainConfig, in_channels: int = 1) -> dict[str, Any]:
     return {"depth": config.depth, "filters": config.filters, "max_filters": config.max_filters,
-            "conv": config.conv, "residual": config.residual, "norm": config.norm, "in_channels": 1,
+            "conv": config.conv, "residual": config.residual, "norm": config.norm, "in_channels": in_channels,
             "out_channels": len(CLASSES)}
 
 
@@ -274,7 +274,10 @@ class _Trainer:
         if not 0 <= config.selection_ema < 1:
             raise UserError(f"train.selection_ema must be in [0, 1), got {config.selection_ema}")
         _seed_everything(config.seed, config.deterministic)
-        self.network = LightUNet(**_architecture(config), checkpointing=config.checkpointing)
+        # The contract says how many planes an input has (block mean, and block maximum when on).
+        self.in_channels = 2 if self.contract.get("max_channel") else 1
+        self.architecture = _architecture(config, self.in_channels)
+        self.network = LightUNet(**self.architecture, checkpointing=config.checkpointing)
         # Start from the lesion prior instead of p = 0.5 everywhere: the first steps then learn where
         # lesions are rather than that almost nothing is one (RetinaNet's prior initialisation).
         prior_logit = math.log(config.foreground_prior / (1 - config.foreground_prior))
@@ -536,7 +539,7 @@ def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
         if trainer.selection_score > trainer.best["val_dice"]:
             trainer.best = {"epoch": trainer.epoch + 1, "val_dice": trainer.selection_score}
             trainer.bad_epochs = 0
-            save_model(trainer.model_out / MODEL_FILE, trainer.network, _architecture(config),
+            save_model(trainer.model_out / MODEL_FILE, trainer.network, trainer.architecture,
                        (0.5,) * len(CLASSES), trainer.contract)
             trainer.keep_best_beside_checkpoint()
         elif trainer.epoch + 1 >= config.min_epochs:
@@ -567,7 +570,7 @@ def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) ->
                                                config.batch_size, trainer.amp, config.channels_last))
     choice = choose_threshold(probabilities, [mask for _, mask in examples], config.threshold_grid)
     threshold = choice.per_class
-    save_model(model_out / MODEL_FILE, trainer.network, _architecture(config), threshold, trainer.contract)
+    save_model(model_out / MODEL_FILE, trainer.network, trainer.architecture, threshold, trainer.contract)
     history = pd.DataFrame(trainer.history)
     write_atomically(model_out / HISTORY_FILE, lambda tmp: history.to_csv(tmp, index=False))
     summary = {"run_id": mlflow_run.run_id, "best_epoch": trainer.best["epoch"],

@@ -320,7 +320,7 @@ def test_stage_writes_index_contract_and_loadable_examples(tmp_path, config):
     assert sum(contract["split_images"].values()) == 18
     for row in index.itertuples(index=False):
         image, mask = load_example(out, row)
-        assert image.shape == (1, 128, 128) and image.dtype == np.float32
+        assert image.shape == (2, 128, 128) and image.dtype == np.float32  # block mean and block maximum
         assert 0 <= image.min() <= image.max() <= 1
         assert mask.shape == (2, 128, 128) and mask.dtype == np.uint8
         assert int(mask[0].sum()) == row.mass_px and int(mask[1].sum()) == row.calc_px
@@ -355,7 +355,7 @@ def test_every_input_is_label_free_and_equal_to_what_predict_computes(tmp_path, 
         dicom = Path(dicoms[row.image_id])
         predicted = network_input(dicom, params)
         assert predicted.laterality == row.laterality
-        np.testing.assert_array_equal(predicted.prepared.image, stored[0])
+        np.testing.assert_array_equal(predicted.prepared.network_input, stored)
         masks = [np.array(Image.open(mask_path(masks_dir, row.image_id, name))).astype(bool)
                  for name in MASK_CHANNELS]
         pixels = read_image(dicom, apply_voi=params.apply_voi).pixels
@@ -432,3 +432,29 @@ def test_generated_inbreast_through_ingest_and_preprocess_keeps_every_lesion(tmp
             labels, n = ndi.label(full)
             kept = np.unique(labels[back[channel] & (labels > 0)])
             assert len(kept) == n, (row.image_id, name)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_block_maximum_keeps_a_speck_the_mean_averages_away(flip):
+    rows, columns = 800, 640
+    yy, xx = np.mgrid[:rows, :columns]
+    chest_wall = columns - 1 if flip else 0
+    breast = (yy - rows / 2) ** 2 + (xx - chest_wall) ** 2 < 330**2
+    noise = np.random.default_rng(0).normal(0, 20, (rows, columns))
+    pixels = np.where(breast, 1000 + noise, 0).astype(np.float32)
+    speck = (300, 500 if flip else 140)  # inside the breast either way
+    pixels[speck] = 1100  # one pixel of a ~5x5 block: +5 sigma, about +1 sigma of its block's mean
+    params = dataclasses.replace(_params(), max_channel=True)
+    out = preprocess(pixels, flip, params, None)
+    assert out.network_input.shape == (2, 128, 128) and params.channels == 2
+    point = np.zeros((rows, columns), bool)
+    point[speck] = True
+    ((r, c),) = np.argwhere(to_target_grid(point[None], out.transform, "any")[0])
+    assert out.max_image[r, c] == 1.0  # the speck is the block's maximum: clipped to the top
+    tissue = out.image[out.image > 0]
+    assert (tissue >= out.image[r, c]).mean() > 0.01  # in the mean it hides among ordinary tissue
+    assert np.median(out.max_image[out.image > 0]) < 0.9  # its own window: tissue is not clipped
+    assert out.max_image[:, out.transform.content_columns:].max() == 0  # the padding stays empty
+    without = preprocess(pixels, flip, _params(), None)
+    np.testing.assert_array_equal(without.image, out.image)
+    assert without.max_image is None
