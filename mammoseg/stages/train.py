@@ -309,7 +309,9 @@ class _Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
-        self.hash = config_hash(config, self.dataset_digest)
+        # The contract (input channels, size, normalisation) changes what a checkpoint means even when
+        # the index does not: hash it too.
+        self.hash = config_hash(config, f"{self.dataset_digest}:{sha256_of(dataset_dir / CONTRACT_FILE)}")
         self.checkpoint_path = checkpoint_path(config, model_out)
 
     # --- checkpoints -------------------------------------------------------------------------------
