@@ -49,7 +49,8 @@ def test_export_passes_checker_parity_and_carries_its_contract(exported, trained
     assert spec["output"]["channels"] == ["mass", "calcification"]
     assert spec["input"]["size_multiple"] == 128 and spec["preprocessing"]["size"] == 128
     assert len(spec["threshold"]) == 2 and all(0 < t < 1 for t in spec["threshold"])
-    assert spec["parameters"] == 5_440_907
+    assert spec["parameters"] == 5_440_932  # the paper's 5,440,907 + 25 for the block-maximum input channel
+    assert spec["input"]["shape"][1] == 2 and spec["architecture"]["in_channels"] == 2
     assert len(spec["git_commit"]) == 40 and len(spec["dataset_digest"]) == 64
 
 

@@ -79,19 +79,21 @@ def test_interrupted_registration_converges(trained_model, prepared_data, tracki
     with monkeypatch.context() as patch:  # dies between the upload and the version
         patch.setattr(tracking, "create_version", upload_then_die)
         with pytest.raises(_InterruptedError):
-            register.run(config, onnx_path)
+            register.run(config, onnx_path, prepared_data.dataset)
     assert client.search_model_versions("name = 'mammoseg-interrupted'") == []
 
     real_set_alias = tracking.set_alias
     with monkeypatch.context() as patch:  # dies after the version, before aliases and the gate
         patch.setattr(tracking, "set_alias", upload_then_die)
         with pytest.raises(_InterruptedError):
-            register.run(config, onnx_path)
+            register.run(config, onnx_path, prepared_data.dataset)
     assert tracking.set_alias is real_set_alias
     (half,) = client.search_model_versions("name = 'mammoseg-interrupted'")
     assert "promotion_decision" not in half.tags
 
-    done = register.run(config, onnx_path)
-    assert (done.version, done.promoted) == (half.version, True)
+    done = register.run(config, onnx_path, prepared_data.dataset)
+    # The session's 2-epoch model: the resumed gate decides (and refuses it), exactly once.
+    assert (done.version, done.promoted) == (half.version, False)
     assert len(client.search_model_versions("name = 'mammoseg-interrupted'")) == 1
-    assert client.get_model_version_by_alias("mammoseg-interrupted", "champion").version == half.version
+    assert client.get_model_version_by_alias("mammoseg-interrupted", "challenger").version == half.version
+    assert "promotion_decision" in client.get_model_version("mammoseg-interrupted", half.version).tags

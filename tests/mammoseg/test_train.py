@@ -39,7 +39,7 @@ def test_training_run_carries_what_reviewers_need(prepared_data, tracking_env, t
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["train.epochs"] == "2" and params["train.lr"] == str(config.lr)
-    assert params["preprocess.size"] == "128" and int(params["model.parameters"]) == 5_440_907
+    assert params["preprocess.size"] == "128" and int(params["model.parameters"]) == 5_440_932  # 2 input channels
     tags = run.data.tags
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__

@@ -98,7 +98,8 @@ def _run_pipeline(image: str, dvc_data: tuple[str, str], root: Path, servers_env
     return proc
 
 
-def test_pipeline_trains_and_registers_a_champion(image, dvc_data, pipeline_root, mlflow_server, s3_server):
+def test_pipeline_trains_registers_and_the_gate_refuses_a_two_epoch_model(image, dvc_data, pipeline_root,
+                                                                          mlflow_server, s3_server):
     import mlflow
 
     name = f"kfp-e2e-{uuid.uuid4().hex[:8]}"
@@ -107,17 +108,21 @@ def test_pipeline_trains_and_registers_a_champion(image, dvc_data, pipeline_root
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
     decision_path = Path(proc.stdout.strip().splitlines()[-1])
     decision = json.loads(decision_path.read_text())
-    assert decision["name"] == name and decision["promoted"] is True
+    # Two epochs of training are useless: registered as @challenger, refused by the gate, task succeeds.
+    assert decision["name"] == name and decision["promoted"] is False
+    assert decision["decision"].startswith("stays @challenger: fails")
 
     client = mlflow.MlflowClient(mlflow_server.url)
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == decision["version"]
-    run = client.get_run(champion.run_id)
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert challenger.version == decision["version"]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, "champion")
+    run = client.get_run(challenger.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["pipeline_run_id"]  # the KFP run id, set by the train component
     assert run.data.params["train.epochs"] == "2" and run.data.params["preprocess.size"] == "128"
     assert run.data.tags["validation_success"] == "true"
-    assert "test_unet_dice_pooled_all" in run.data.metrics
+    assert "test_unet_dice_native_mean_image_all" in run.data.metrics
 
     # The artifacts laid out as the components declare them (files inside artifact folders).
     run_dir = decision_path.parents[2]
