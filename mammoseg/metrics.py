@@ -445,6 +445,17 @@ class Froc:
         ok = self.false_positives_per_image <= fp_per_image
         return float(self.sensitivity[ok].max()) if ok.any() else 0.0
 
+    @classmethod
+    def from_counts(cls, thresholds: Sequence[float], per_threshold: Sequence[Sequence[DetectionCounts]]) -> Froc:
+        """Build the curve from detection counts: per threshold, one DetectionCounts per image.
+
+        Callers that score images one at a time (evaluate) accumulate counts instead of keeping every
+        probability map.
+        """
+        summaries = [summarize_detection(images) for images in per_threshold]
+        return cls(np.asarray(thresholds, float), np.array([s["sensitivity"] for s in summaries], float),
+                   np.array([s["false_positives_per_image"] for s in summaries], float))
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (NaN sensitivities stay NaN; json writes them as NaN)."""
         return {"thresholds": self.thresholds.tolist(), "sensitivity": self.sensitivity.tolist(),
@@ -467,18 +478,10 @@ def froc(probabilities: Sequence[np.ndarray], truths: Sequence[np.ndarray], thre
         The curve; NaN sensitivity where no image has a lesion.
     """
     grid = _grid_array(thresholds)
-    found = np.zeros(len(grid))
-    false_positives = np.zeros(len(grid))
-    n_gt = 0
-    for probability, truth, radius in zip(probabilities, truths, cluster_radius_px, strict=True):
-        for k, threshold in enumerate(grid):
-            counts = lesion_detection(np.asarray(probability) >= threshold, np.asarray(truth, bool), radius, min_iou)
-            found[k] += counts.n_found
-            false_positives[k] += counts.n_false_positive
-        n_gt += counts.n_gt if len(grid) else 0
-    n_images = max(len(probabilities), 1)
-    sensitivity = found / n_gt if n_gt else np.full(len(grid), np.nan)
-    return Froc(grid, sensitivity, false_positives / n_images)
+    per_threshold = [[lesion_detection(np.asarray(probability) >= threshold, np.asarray(truth, bool), radius, min_iou)
+                      for probability, truth, radius in zip(probabilities, truths, cluster_radius_px, strict=True)]
+                     for threshold in grid]
+    return Froc.from_counts(grid, per_threshold)
 
 
 # ------------------------------------------------------------------------------- threshold curves

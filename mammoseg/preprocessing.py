@@ -580,7 +580,7 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
     transform = Transform(rows, columns, bool(flip), r0, r1, c0, c1, params.size, content_rows,
                           content_columns)
     grid = _Grid.of(transform)
-    outside = tuple(0 if mask is None else _pixels_outside_crop(mask, transform) for mask in masks or ())
+    outside = tuple(0 if mask is None else _pixels_outside_crop(mask, grid) for mask in masks or ())
 
     crop = pixels[grid.row_slice, grid.col_slice]
     image = grid.sums(crop) / grid.block_areas()
@@ -632,10 +632,9 @@ def preprocess(pixels: np.ndarray, flip: bool, params: PreprocessParams,
                         outside or (0,) * len(MASK_CHANNELS), restored)
 
 
-def _pixels_outside_crop(mask: np.ndarray, t: Transform) -> int:
+def _pixels_outside_crop(mask: np.ndarray, grid: _Grid) -> int:
     """Count the lesion pixels of one (rows, columns) original-grid mask that the crop box leaves out."""
-    col_slice = slice(t.columns - t.crop_c1, t.columns - t.crop_c0) if t.flip else slice(t.crop_c0, t.crop_c1)
-    return int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[t.crop_r0:t.crop_r1, col_slice]))
+    return int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[grid.row_slice, grid.col_slice]))
 
 
 def quantize(image: np.ndarray) -> np.ndarray:

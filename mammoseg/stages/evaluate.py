@@ -108,10 +108,6 @@ class NativeScores:
         """Return scores with no image yet."""
         return cls({target: [] for target in TARGETS}, [])
 
-    def statistic(self, target: str, kind: str) -> float:
-        """Return the mean-per-image or pooled Dice of a target."""
-        return (mean_image_dice if kind == "mean_image" else pooled_dice)(self.counts[target])
-
 
 def score_native(dataset: Path, rows: pd.DataFrame, probabilities: ProbabilityFn, threshold: float | np.ndarray,
                  batch_size: int, desc: str = "score") -> NativeScores:
@@ -143,13 +139,6 @@ def score_native(dataset: Path, rows: pd.DataFrame, probabilities: ProbabilityFn
                 scores.counts[target].append(dice_counts(predicted[target], truth[target]))
             scores.patients.append(str(row.patient_id))
     return scores
-
-
-def torch_probabilities(network: Any, device: Any) -> ProbabilityFn:
-    """Wrap an eval-mode network as a ProbabilityFn (fp32, the export's reference)."""
-    def run(images: np.ndarray) -> np.ndarray:
-        return np.stack(list(predict_probabilities(network, list(images), device, len(images))))
-    return run
 
 
 def run(config: EvaluateConfig, dataset: Path, model: Path, metrics_out: Path, report_out: Path) -> EvaluateResult:
@@ -344,17 +333,11 @@ def _summarize(config: EvaluateConfig, scored: _Scored, threshold: float,
             for t in TARGETS}
     metrics["detection"] = {}
     for name in CLASSES:
-        curve = _froc(scored.froc[name], config.froc_thresholds)
+        curve = Froc.from_counts(config.froc_thresholds, scored.froc[name])
         min_iou = config.mass_min_iou if name == "mass" else config.calcification_min_iou
         metrics["detection"][name] = {**summarize_detection(scored.detection[name]), "min_iou": min_iou,
                                       "froc": curve.to_dict()}
     return metrics
-
-
-def _froc(per_threshold: list[list[DetectionCounts]], thresholds: Sequence[float]) -> Froc:
-    summaries = [summarize_detection(images) for images in per_threshold]
-    return Froc(np.asarray(thresholds, float), np.array([s["sensitivity"] for s in summaries], float),
-                np.array([s["false_positives_per_image"] for s in summaries], float))
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
