@@ -49,8 +49,13 @@ from model import LightUNet
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Where a training writes until it succeeds (inside model_out, so no write outside it is needed).
+STAGING_DIR = ".training"
 HISTORY_FILE = "history.csv"
 PROGRESS_FILE = "progress.png"
+OVERLAYS_DIR = "overlays"
+# What a training owns in model_out, published together when it succeeds.
+PUBLISHED = (MODEL_FILE, CHECKPOINT_FILE, HISTORY_FILE, PROGRESS_FILE, tracking.RUN_ID_FILE, OVERLAYS_DIR)
 # Fields that do not change what is trained: a checkpoint stays valid when only these differ.
 _NOT_HASHED = {"num_workers", "resume", "checkpoint_dir", "log_system_metrics", "pipeline_run_id", "overlay_every",
                "overlay_images", "experiment", "device"}
@@ -463,20 +468,79 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
     Returns:
         The run id, best epoch and validation Dice, the chosen threshold and output paths.
     """
+    if validation_report is not None and not validation_report.is_dir():
+        raise UserError(f"{validation_report}: validation report folder not found")
     model_out.mkdir(parents=True, exist_ok=True)
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
-    trainer = _Trainer(config, dataset, model_out)
+    # Training works in a staging folder inside model_out and publishes only when it succeeds: a
+    # re-run that fails (bad input, unreachable tracking server, a crash) leaves the last good model,
+    # its run id and checkpoint where evaluate and export read them.
+    work = model_out / STAGING_DIR
+    work.mkdir(exist_ok=True)
+    trainer = _Trainer(config, dataset, work)
+    _adopt_finished_training(trainer, model_out)
     resumed = trainer.restore()
     if not resumed:
-        (model_out / MODEL_FILE).unlink(missing_ok=True)
+        _empty_folder(work)
     run_name = f"lightunet-{trainer.contract.get('size', '?')}px-{trainer.hash[:6]}"
     with _open_run(trainer, run_name, resumed) as mlflow_run:
         trainer.run_id = mlflow_run.run_id
-        tracking.write_run_id(model_out, mlflow_run.run_id)
+        tracking.write_run_id(work, mlflow_run.run_id)
         if not resumed:
             _log_run_inputs(mlflow_run, trainer, config, dataset, validation_report)
         _train_loop(trainer, mlflow_run)
-        return _finalize(trainer, mlflow_run, metrics_out)
+        result = _finalize(trainer, mlflow_run, metrics_out)
+    _publish(work, model_out)
+    return dataclasses.replace(result, model_path=model_out / MODEL_FILE)
+
+
+def _adopt_finished_training(trainer: _Trainer, model_out: Path) -> None:
+    """Continue from model_out's own checkpoint when no interrupted one is staged.
+
+    A finished (or, before staging existed, in-place) training keeps its checkpoint in model_out; a
+    re-run of the same config then resumes it (it ends at once) instead of training again. Copies, so
+    model_out stays intact until the re-run publishes.
+    """
+    if trainer.checkpoint_path.parent != trainer.model_out or trainer.checkpoint_path.is_file():
+        return
+    finished = model_out / CHECKPOINT_FILE
+    if not finished.is_file():
+        return
+    state = torch.load(finished, map_location="cpu", weights_only=False)
+    if state.get("config_hash") != trainer.hash:
+        return
+    for name in PUBLISHED:
+        source = model_out / name
+        if source.is_dir():
+            shutil.copytree(source, trainer.model_out / name, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, trainer.model_out / name)
+
+
+def _empty_folder(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _publish(work: Path, model_out: Path) -> None:
+    """Move a successful training's outputs from the staging folder into model_out.
+
+    Each file is replaced atomically; a published name the new training did not write (overlays of a
+    run without them, a checkpoint kept on a volume) is removed, so model_out never mixes two runs.
+    Files of model_out that training does not own (a metrics file a user put there) stay.
+    """
+    for name in PUBLISHED:
+        source, target = work / name, model_out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if source.exists():
+            os.replace(source, target)
+        else:
+            target.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _open_run(trainer: _Trainer, run_name: str, resumed: bool):
@@ -548,7 +612,7 @@ def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
             trainer.bad_epochs += 1
         trainer.epoch += 1
         if config.overlay_every and trainer.epoch % config.overlay_every == 0:
-            overlay = trainer.model_out / "overlays" / f"epoch_{trainer.epoch:03d}.png"
+            overlay = trainer.model_out / OVERLAYS_DIR / f"epoch_{trainer.epoch:03d}.png"
             overlay.parent.mkdir(exist_ok=True)
             trainer.overlays(overlay)
             mlflow_run.log_artifact(overlay, "overlays")

@@ -82,7 +82,7 @@ def test_sigkill_mid_epoch_then_rerun_reaches_the_same_weights(prepared_data, tr
 
     killed_dir = tmp_path / "killed"
     killed = _train_cli(prepared_data.dataset, killed_dir, env, epochs)
-    checkpoint = killed_dir / train.CHECKPOINT_FILE
+    checkpoint = killed_dir / train.STAGING_DIR / train.CHECKPOINT_FILE  # published only on success
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -103,6 +103,7 @@ def test_sigkill_mid_epoch_then_rerun_reaches_the_same_weights(prepared_data, tr
         assert torch.equal(tensor, b["state_dict"][key]), key
     run_id = json.loads((killed_dir / "mlflow_run.json").read_text())["run_id"]
     assert mlflow.MlflowClient(tracking_env.url).get_run(run_id).info.status == "FINISHED"
+    assert not (killed_dir / train.STAGING_DIR).exists()
 
 
 def test_a_crash_marks_the_run_failed(prepared_data, tracking_env, tmp_path):
@@ -113,8 +114,45 @@ def test_a_crash_marks_the_run_failed(prepared_data, tracking_env, tmp_path):
     config = stage_config_for("train", **TINY_TRAIN)
     with pytest.raises(ValueError):
         train.run(config, dataset, tmp_path / "model", tmp_path / "train.json")
-    run_id = json.loads((tmp_path / "model" / "mlflow_run.json").read_text())["run_id"]
+    # The failed run's id stays in the staging folder; model_out itself was never touched.
+    run_id = json.loads((tmp_path / "model" / train.STAGING_DIR / "mlflow_run.json").read_text())["run_id"]
     assert _client().get_run(run_id).info.status == "FAILED"
+    assert not (tmp_path / "model" / "mlflow_run.json").exists()
+
+
+def _folder_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_failed_retrain_keeps_the_good_model(prepared_data, tracking_env, tmp_path):
+    """A re-run with another config that crashes mid-epoch, or stops on a bad input, loses nothing."""
+    model_dir, metrics = tmp_path / "model", tmp_path / "train.json"
+    good = train.run(stage_config_for("train", **{**TINY_TRAIN, "epochs": 1}), prepared_data.dataset,
+                     model_dir, metrics)
+    before = _folder_digest(model_dir)
+    assert {"model.pt", "checkpoint.pt", "mlflow_run.json", "history.csv"} <= set(before)
+    assert not (model_dir / train.STAGING_DIR).exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared_data.dataset, broken)
+    for image in (broken / "images").glob("*.npy"):
+        image.write_bytes(b"not an array")  # the new run opens, then fails inside its first epoch
+    other = stage_config_for("train", **{**TINY_TRAIN, "epochs": 1, "lr": 0.00037})
+    with pytest.raises(ValueError):
+        train.run(other, broken, model_dir, metrics)
+    with pytest.raises(UserError, match="validation report folder not found"):
+        train.run(other, prepared_data.dataset, model_dir, metrics, tmp_path / "no-such-report")
+    after = {name: data for name, data in _folder_digest(model_dir).items()
+             if not name.startswith(train.STAGING_DIR)}
+    assert after == before
+    assert json.loads((model_dir / "mlflow_run.json").read_text())["run_id"] == good.run_id
+
+    # The same config as the good run resumes its finished checkpoint: nothing is trained again.
+    again = train.run(stage_config_for("train", **{**TINY_TRAIN, "epochs": 1}), prepared_data.dataset,
+                      model_dir, metrics)
+    assert again.run_id == good.run_id
+    assert not (model_dir / train.STAGING_DIR).exists()
 
 
 def test_user_errors(tmp_path):
