@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,25 @@ def sha256_of(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def staging_folder(target: Path) -> Path:
+    """Create an empty staging folder beside target, with the permissions a plain mkdir would give.
+
+    tempfile.mkdtemp makes the folder 0700; renamed into place, that would lock the group that runs
+    the next stage out of the output. The usual mode (0777 less the umask) is restored here.
+
+    Args:
+        target: the folder the staging folder will later replace (its parent must exist).
+
+    Returns:
+        The new folder, on target's filesystem so replace_folder can rename it into place.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
 
 
 def replace_folder(staging: Path, target: Path) -> None:

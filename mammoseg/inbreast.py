@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import plistlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,10 +35,20 @@ VIEWS = frozenset({"CC", "MLO", "FB"})
 FILE_VIEW_TO_TABLE_VIEW = {"CC": "CC", "ML": "MLO", "MLO": "MLO", "FB": "FB"}
 LESION_CLASSES = ("mass", "calcification", "other")
 
-_POINT_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_FLOAT = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# OsiriX writes Point_px as "(%f, %f)" (section 2.3); "{x, y}" is Cocoa's own point notation, used by
+# the ROIPoints variant of the same exporter (section 2.4). Nothing else is a point: a looser pattern
+# read "(1.5.6, 200)" as (1.5, 0.6), a calcification in the image corner.
+_POINT_RE = re.compile(rf"\s*(?:\(\s*({_FLOAT})\s*,\s*({_FLOAT})\s*\)|\{{\s*({_FLOAT})\s*,\s*({_FLOAT})\s*\}})\s*")
 _IMAGE_ID_RE = re.compile(r"^\d{8}$")
 _PATIENT_RE = re.compile(r"^[0-9a-f]{16}$")
 _DATE_RE = re.compile(r"^\d{6}$")
+# What a table re-saved by Excel or a text editor starts with instead of the real file's ASCII.
+_BOMS = (
+    (b"\xef\xbb\xbf", "starts with a UTF-8 byte-order mark (Excel's 'CSV UTF-8')"),
+    (b"\xff\xfe", "is UTF-16 text (little-endian byte-order mark)"),
+    (b"\xfe\xff", "is UTF-16 text (big-endian byte-order mark)"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +110,10 @@ def read_table(root: Path) -> dict[str, TableRow]:
         image id -> row.
 
     Raises:
-        UserError: neither file exists, the header is wrong, or a row is malformed or repeated.
+        UserError: neither file exists; the CSV is empty, not ASCII (a UTF-8 or UTF-16 byte-order mark,
+            UTF-16 without one, other bytes) or its header lacks, adds or reorders columns; a row is
+            malformed or its image id repeats an earlier row's; there are no rows. The whole table is
+            unusable in each case, so these are dataset-level errors, not per-image rejections.
     """
     csv_path, xls_path = root / CSV_NAME, root / XLS_NAME
     if csv_path.is_file():
@@ -111,17 +125,74 @@ def read_table(root: Path) -> dict[str, TableRow]:
 
 def _csv_records(path: Path) -> Iterable[tuple[int, list[str]]]:
     """Yield (line number, fields) of a `;`-separated, CRLF INbreast.csv (section 4.1)."""
-    try:
-        text = path.read_bytes().decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not ASCII text (byte {exc.start})") from None
-    lines = text.replace("\r\n", "\n").split("\n")
+    lines = _csv_text(path).replace("\r\n", "\n").split("\n")
     header = [field.strip() for field in lines[0].split(";")]
     if tuple(header) != CSV_HEADER:
-        raise UserError(f"{path}: header is {';'.join(header)!r}, expected {';'.join(CSV_HEADER)!r}")
+        raise UserError(_header_problem(path, lines[0], header))
     for number, line in enumerate(lines[1:], start=2):
         if line.strip():
             yield number, line.split(";")
+
+
+def _csv_text(path: Path) -> str:
+    """Return the text of INbreast.csv, naming the encoding when it is not the real file's ASCII.
+
+    Re-saving the table in Excel is the usual way it goes wrong, and a byte offset does not tell the
+    user that, so the byte-order marks and UTF-16 are named (the whole table is unusable either way).
+    """
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path}: is empty")
+    for bom, problem in _BOMS:
+        if data.startswith(bom):
+            raise UserError(f"{path}: {problem}; save it as plain CSV")
+    if b"\x00" in data:
+        # NUL is valid ASCII, so UTF-16 text without a byte-order mark would otherwise reach the
+        # header check and be reported as a garbled header.
+        byte_order = _utf16_byte_order(data)
+        if byte_order:
+            raise UserError(f"{path}: is UTF-16 text ({byte_order}, no byte-order mark); save it as plain CSV")
+        start = data.index(b"\x00")
+        raise UserError(f"{path}: contains a NUL byte (byte {start}, on line {_line_of(data, start)}); "
+                        "not a text file")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not ASCII text (byte {exc.start}, 0x{data[exc.start]:02x}, "
+                        f"on line {_line_of(data, exc.start)})") from None
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    """Return the 1-based line number of a byte offset."""
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _utf16_byte_order(data: bytes) -> str | None:
+    """Tell whether mostly-ASCII data is UTF-16 without a BOM: NULs in every other byte, one parity only."""
+    sample = data[:4096]
+    even, odd = sample[0::2], sample[1::2]
+    if not odd:
+        return None
+    if odd.count(0) >= 0.9 * len(odd) and even.count(0) <= 0.1 * len(even):
+        return "little-endian"
+    if even.count(0) >= 0.9 * len(even) and odd.count(0) <= 0.1 * len(odd):
+        return "big-endian"
+    return None
+
+
+def _header_problem(path: Path, line: str, header: list[str]) -> str:
+    """Say what is wrong with a CSV header that is not exactly `CSV_HEADER`."""
+    expected = ";".join(CSV_HEADER)
+    if ";" not in line and ("," in line or "\t" in line):
+        separator = "TAB" if "\t" in line else "','"
+        return f"{path}: header is separated by {separator}, not ';' (expected {expected!r})"
+    missing = [column for column in CSV_HEADER if column not in header]
+    if missing:
+        return f"{path}: header lacks column(s) {', '.join(map(repr, missing))} (expected {expected!r})"
+    extra = [column for column in header if column not in CSV_HEADER]
+    if extra:
+        return f"{path}: header has unexpected column(s) {', '.join(map(repr, extra))} (expected {expected!r})"
+    return f"{path}: header columns are out of order or repeated: {';'.join(header)!r}, expected {expected!r}"
 
 
 def _xls_records(path: Path) -> Iterable[tuple[int, list[str]]]:
@@ -153,6 +224,7 @@ def _xls_text(value: object) -> str:
 def _rows_by_id(path: Path, records: Iterable[tuple[int, list[str]]]) -> dict[str, TableRow]:
     """Validate each record and index it by image id."""
     rows: dict[str, TableRow] = {}
+    first_seen: dict[str, int] = {}
     for number, fields in records:
         where = f"{path}:{number}"
         if len(fields) != len(CSV_HEADER):
@@ -161,7 +233,9 @@ def _rows_by_id(path: Path, records: Iterable[tuple[int, list[str]]]) -> dict[st
         if not _IMAGE_ID_RE.match(image_id):
             raise UserError(f"{where}: File Name {image_id!r} is not an 8-digit image id")
         if image_id in rows:
-            raise UserError(f"{where}: image id {image_id} appears twice")
+            raise UserError(f"{where}: image id {image_id} appears twice (first at {path.name}:"
+                            f"{first_seen[image_id]})")
+        first_seen[image_id] = number
         if laterality not in ("L", "R"):
             raise UserError(f"{where}: Laterality {laterality!r} is not L or R")
         if view not in VIEWS:
@@ -178,48 +252,79 @@ def _rows_by_id(path: Path, records: Iterable[tuple[int, list[str]]]) -> dict[st
         else:
             raise UserError(f"{where}: ACR {acr!r} is not 1-4 or blank")
         rows[image_id] = TableRow(image_id, laterality, view, date, acr_value, birads)
+    if not rows:
+        raise UserError(f"{path}: no image rows below the header")
     return rows
 
 
 def read_rois(path: Path) -> list[Roi]:
     """Read the ROIs of an OsiriX XML plist (`Images[0].ROIs`, section 2.2).
 
+    The file is read strictly: a point that is not "(x, y)" (or Cocoa's "{x, y}") or an ROI without
+    points makes the whole file unusable, because the image's mask would silently lose or misplace
+    a lesion. OsiriX writes at least one point for every tool (a Calcification is one point,
+    section 3.2) and no ROI without points is known in the real set, so an empty `Point_px` means a
+    damaged file rather than an annotation to skip.
+
     Raises:
-        UserError: the file is not a plist of that shape, or a point string cannot be parsed.
+        UserError: the file is not a plist of that shape (unreadable, truncated, no `Images[0].ROIs`),
+            an ROI has no points, or a point string is not "(x, y)"; the message names the file, the
+            ROI (position and name) and the offending text.
     """
     try:
         with path.open("rb") as handle:
             document = plistlib.load(handle, fmt=plistlib.FMT_XML)
         raw_rois = document["Images"][0]["ROIs"]
     except (ExpatError, plistlib.InvalidFileException, ValueError) as exc:
-        raise UserError(f"{path}: not a readable plist XML ({exc})") from None
+        empty = " (empty file)" if path.stat().st_size == 0 else ""
+        raise UserError(f"{path}: not a readable plist XML, truncated or malformed{empty} ({exc})") from None
     except (KeyError, IndexError, TypeError):
         raise UserError(f"{path}: no Images[0].ROIs array (not an INbreast lesion XML)") from None
-    rois = []
-    for index, raw in enumerate(raw_rois):
-        try:
-            points = tuple(_parse_point(text) for text in raw["Point_px"])
-            name = str(raw.get("Name", ""))
-            roi_type = int(raw.get("Type", -1))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}: ROI {index} is malformed ({exc})") from None
-        declared = raw.get("NumberOfPoints")
-        if declared is not None and declared != len(points):
-            # Loaders that ran over the whole dataset assert this; keep the points, say so.
-            log.warning("%s: ROI %d declares %s points but lists %d", path, index, declared, len(points))
-        if not points:
-            log.warning("%s: ROI %d (%r) has no points; ignored", path, index, name)
-            continue
-        rois.append(Roi(name, roi_type, points))
-    return rois
+    if not isinstance(raw_rois, list):
+        raise UserError(f"{path}: Images[0].ROIs is a {type(raw_rois).__name__}, not an array")
+    return [_read_roi(path, index, raw) for index, raw in enumerate(raw_rois)]
 
 
-def _parse_point(text: str) -> tuple[float, float]:
-    """Parse "(x, y)" with a signed-float pattern (coordinates may be negative or past the edge)."""
-    numbers = _POINT_RE.findall(text)
-    if len(numbers) < 2:
-        raise ValueError(f"point {text!r} is not '(x, y)'")
-    return float(numbers[0]), float(numbers[1])
+def _read_roi(path: Path, index: int, raw: object) -> Roi:
+    """Check and convert one ROI dictionary of `Images[0].ROIs`."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: ROI {index} is a {type(raw).__name__}, not a dictionary")
+    name = str(raw.get("Name", ""))
+    where = f"{path}: ROI {index} ({name!r})"
+    try:
+        roi_type = int(raw.get("Type", -1))
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: Type {raw.get('Type')!r} is not an integer") from None
+    texts = raw.get("Point_px")
+    if not isinstance(texts, list):
+        raise UserError(f"{where}: no Point_px array")
+    if not texts:
+        raise UserError(f"{where}: Point_px is empty (every OsiriX ROI has at least one point)")
+    points = []
+    for number, text in enumerate(texts):
+        point = _parse_point(text)
+        if point is None:
+            raise UserError(f"{where}: Point_px[{number}] {text!r} is not a point '(x, y)'")
+        points.append(point)
+    declared = raw.get("NumberOfPoints")
+    if declared is not None and declared != len(points):
+        # Loaders that ran over the whole dataset assert this; keep the points, say so.
+        log.warning("%s: ROI %d declares %s points but lists %d", path, index, declared, len(points))
+    return Roi(name, roi_type, tuple(points))
+
+
+def _parse_point(text: object) -> tuple[float, float] | None:
+    """Parse "(x, y)" or "{x, y}" with signed, possibly exponent, floats; None for anything else.
+
+    Coordinates may be negative or past the edge (section 3.4), but never NaN or infinite.
+    """
+    match = _POINT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    x, y = (float(group) for group in match.groups() if group is not None)
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return None
+    return x, y
 
 
 class LesionClassifier:

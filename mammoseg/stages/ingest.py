@@ -1,8 +1,9 @@
 """Ingest: read an INbreast folder, write the manifest (Parquet) and full-resolution lesion masks (PNG).
 
-Per-image problems (a DICOM without a table row, an unreadable DICOM or XML, a file name that
-disagrees with the table) reject that image into `<manifest>.rejected.csv` with the reason and keep
-the rest; dataset-level problems (no folder, no table, nothing usable) are one-line user errors.
+Per-image problems (a DICOM without a table row, an unreadable DICOM or XML, a malformed ROI point, a
+file name that disagrees with the table, several files with one image id) reject that image into
+`<manifest>.rejected.csv` with the reason and keep the rest; dataset-level problems (no folder, no
+.dcm file, an unusable table, nothing usable) are one-line user errors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,12 +21,13 @@ import numpy as np
 import pandas as pd
 import pydicom
 from PIL import Image
+from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from mammoseg.config import IngestConfig
 from mammoseg.data import CLASSES, mask_path
 from mammoseg.errors import UserError
-from mammoseg.fileio import replace_folder, sha256_of, write_atomically
+from mammoseg.fileio import replace_folder, sha256_of, staging_folder, write_atomically
 from mammoseg.inbreast import (
     DICOM_DIR,
     XML_DIR,
@@ -99,6 +100,8 @@ def _ingest_one(job: _Job) -> _Outcome:
     try:
         header = pydicom.dcmread(job.dicom_path, stop_before_pixels=True)
         rows, columns = int(header.Rows), int(header.Columns)
+    except InvalidDicomError:
+        return None, "not a DICOM file (no 'DICM' prefix or file meta header)", set()
     except Exception as exc:  # pydicom raises many types for a damaged file; all mean "unreadable"
         return None, f"unreadable DICOM ({type(exc).__name__}: {exc})", set()
     rois = []
@@ -136,39 +139,103 @@ def _ingest_one(job: _Job) -> _Outcome:
 
 
 def _plan(inbreast: Path, config: IngestConfig, masks_dir: Path) -> tuple[list[_Job], list[dict[str, str]]]:
-    """Match DICOM files to table rows; return the jobs and the rejections found before reading pixels."""
+    """Match DICOM files to table rows; return the jobs and the rejections found before reading pixels.
+
+    Several DICOM files with one image id are resolved by `_pick_among_duplicates`.
+
+    Raises:
+        UserError: no AllDICOMs/ folder, no .dcm file in it, or an unusable table (see `read_table`).
+    """
     dicom_dir = inbreast / DICOM_DIR
     if not dicom_dir.is_dir():
         raise UserError(f"{inbreast}: no {DICOM_DIR}/ folder (is this an INbreast Release 1.0 folder?)")
+    dicom_paths = sorted(dicom_dir.glob("*.dcm"))
+    if not dicom_paths:
+        others = sorted(path.name for path in dicom_dir.iterdir())
+        hint = f" ({len(others)} other entries, e.g. {others[0]!r})" if others else " (the folder is empty)"
+        raise UserError(f"{dicom_dir}: no .dcm files{hint}")
     table = read_table(inbreast)
     rejected: list[dict[str, str]] = []
-    jobs: list[_Job] = []
-    seen: dict[str, Path] = {}
-    for dicom_path in sorted(dicom_dir.glob("*.dcm")):
+    files_by_id: dict[str, list[tuple[Path, DicomName]]] = {}
+    for dicom_path in dicom_paths:
         try:
             name = parse_dicom_name(dicom_path)
         except UserError as exc:
             rejected.append({"file": str(dicom_path), "image_id": "", "reason": str(exc)})
             continue
-        row = table.get(name.image_id)
+        files_by_id.setdefault(name.image_id, []).append((dicom_path, name))
+    jobs: list[_Job] = []
+    for image_id, files in files_by_id.items():
+        row = table.get(image_id)
+        if len(files) > 1:
+            kept, duplicates = _pick_among_duplicates(image_id, files, row)
+            rejected += duplicates
+            if kept is None:
+                continue
+            files = [kept]
+        ((dicom_path, name),) = files
         reason = None
-        if name.image_id in seen:
-            reason = f"image id {name.image_id} also used by {seen[name.image_id].name}"
-        elif row is None:
-            reason = f"no row for image id {name.image_id} in the table"
+        if row is None:
+            reason = f"no row for image id {image_id} in the table"
         elif (row.laterality, row.view) != (name.laterality, name.view):
             reason = (f"file name says {name.laterality} {name.view}, "
                       f"the table says {row.laterality} {row.view}")
         if reason:
-            rejected.append({"file": str(dicom_path), "image_id": name.image_id, "reason": reason})
+            rejected.append({"file": str(dicom_path), "image_id": image_id, "reason": reason})
             continue
-        seen[name.image_id] = dicom_path
-        jobs.append(_Job(dicom_path, name, row, inbreast / XML_DIR / f"{name.image_id}.xml",
+        jobs.append(_Job(dicom_path, name, row, inbreast / XML_DIR / f"{image_id}.xml",
                          config.point_radius_px, config.lesion_classes, masks_dir))
-    for image_id in sorted(set(table) - set(seen) - {r["image_id"] for r in rejected}):
+    for image_id in sorted(set(table) - set(files_by_id)):
         rejected.append({"file": str(inbreast / DICOM_DIR), "image_id": image_id,
                          "reason": f"table row for image id {image_id} has no DICOM file"})
     return jobs, rejected
+
+
+def _pick_among_duplicates(image_id: str, files: list[tuple[Path, DicomName]], row: TableRow | None
+                           ) -> tuple[tuple[Path, DicomName] | None, list[dict[str, str]]]:
+    """Choose which of several DICOM files sharing one image id is the image, if any can be told apart.
+
+    INbreast ids are unique (section 1.2), so all but one of the files are copies, and the sort order
+    of the names says nothing about which (keeping the first once kept a stray copy, rejected the
+    genuine file and counted the copy's patient hash as an extra patient). The only independent
+    evidence is the table row: a file is kept when it is the *only* one whose laterality
+    and view tokens agree with it. The patient token cannot be checked (the table's Patient ID is
+    `removed`, section 1.3), nor can the DICOM header (it carries no patient, side or view). When no
+    file or more than one agrees, or there is no row, every file is rejected: guessing would put one
+    image under the wrong patient or view. Either way one warning line names all the files.
+
+    Returns:
+        The file to keep (or None) and one rejection per other file, whose reason names the kept
+        file, or the other files when none is kept.
+    """
+    names = [path.name for path, _ in files]
+    agreeing = [] if row is None else [
+        (path, name) for path, name in files if (name.laterality, name.view) == (row.laterality, row.view)]
+    if row is not None and len(agreeing) == 1:
+        kept = agreeing[0]
+        kept_path = kept[0]
+        log.warning("image id %s is used by %d DICOM files (%s): kept %s, the only one that matches the "
+                    "table row (%s %s)", image_id, len(files), ", ".join(names), kept_path.name,
+                    row.laterality, row.view)
+        return kept, [{"file": str(path), "image_id": image_id,
+                       "reason": f"image id {image_id} is also used by {kept_path.name}, kept because it "
+                                 f"matches the table row ({row.laterality} {row.view}); this file says "
+                                 f"{name.laterality} {name.view}"}
+                      for path, name in files if path != kept_path]
+    if row is None:
+        why = f"no table row for image id {image_id}"
+    elif agreeing:
+        how_many = "all" if len(agreeing) == len(files) else len(agreeing)
+        why = f"{how_many} of them match the table row ({row.laterality} {row.view})"
+    else:
+        why = f"none matches the table row ({row.laterality} {row.view})"
+    log.warning("image id %s is used by %d DICOM files (%s): all rejected, %s", image_id, len(files),
+                ", ".join(names), why)
+    return None, [{"file": str(path), "image_id": image_id,
+                   "reason": f"image id {image_id} is also used by "
+                             f"{', '.join(other for other in names if other != path.name)}; "
+                             f"cannot tell which file is the image ({why}), all rejected"}
+                  for path, _ in files]
 
 
 def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[_Job, _Outcome]]:
@@ -199,7 +266,8 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
         Counts and output paths.
 
     Raises:
-        UserError: the folder is not an INbreast folder, or no image could be ingested.
+        UserError: the folder is not an INbreast folder (no AllDICOMs/, no .dcm file, no usable
+            INbreast.csv or .xls), or no image could be ingested.
     """
     if not inbreast.is_dir():
         raise UserError(f"{inbreast}: not a folder")
@@ -207,7 +275,7 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
     manifest_out.parent.mkdir(parents=True, exist_ok=True)
     masks_out.parent.mkdir(parents=True, exist_ok=True)
     # Masks go to a fresh folder that replaces the old one only once everything succeeded.
-    staging = Path(tempfile.mkdtemp(prefix=f".{masks_out.name}.", dir=masks_out.parent))
+    staging = staging_folder(masks_out)
     try:
         jobs, rejected = _plan(inbreast, config, staging)
         workers = config.workers or os.cpu_count() or 1
@@ -222,7 +290,7 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
         for name in sorted(unknown_names):
             log.warning("ROI name %r is not in params.yaml ingest.lesion_classes: counted as other", name)
         if not manifest_rows:
-            reasons = "; ".join(r["reason"] for r in rejected[:3]) or "no .dcm files"
+            reasons = "; ".join(r["reason"] for r in rejected[:3])
             raise UserError(f"{inbreast}: no image could be ingested ({reasons})")
         manifest = pd.DataFrame(manifest_rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_COLUMNS)
         manifest = manifest.sort_values("image_id", ignore_index=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +180,59 @@ def test_bad_csv_rows_name_file_and_line(tmp_path, row, problem):
 
 def test_csv_duplicate_id_and_bad_header(tmp_path):
     row = "removed;removed;R;CC;201001;22678622;4;1"
-    (tmp_path / "INbreast.csv").write_bytes(csv_bytes([row, row]))
-    with pytest.raises(UserError, match="appears twice"):
+    (tmp_path / "INbreast.csv").write_bytes(csv_bytes([row, "removed;removed;L;CC;201001;22678646;4;1", row]))
+    with pytest.raises(UserError, match=re.escape(
+            "INbreast.csv:4: image id 22678622 appears twice (first at INbreast.csv:2)")):
         read_table(tmp_path)
     (tmp_path / "INbreast.csv").write_bytes(b"File Name;Bi-Rads\r\n22678622;1\r\n")
     with pytest.raises(UserError, match="header"):
+        read_table(tmp_path)
+
+
+ONE_ROW = csv_bytes(["removed;removed;R;CC;201001;22678622;4;1"]).decode("ascii")
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b"\xef\xbb\xbf" + ONE_ROW.encode("ascii"),
+     "starts with a UTF-8 byte-order mark (Excel's 'CSV UTF-8'); save it as plain CSV"),
+    (b"\xff\xfe" + ONE_ROW.encode("utf-16-le"),
+     "is UTF-16 text (little-endian byte-order mark); save it as plain CSV"),
+    (b"\xfe\xff" + ONE_ROW.encode("utf-16-be"), "is UTF-16 text (big-endian byte-order mark); save it as plain CSV"),
+    (ONE_ROW.encode("utf-16-le"), "is UTF-16 text (little-endian, no byte-order mark); save it as plain CSV"),
+    (ONE_ROW.encode("utf-16-be"), "is UTF-16 text (big-endian, no byte-order mark); save it as plain CSV"),
+    (ONE_ROW.replace("removed;removed;R", "removed;removido;R").encode("ascii") + "ç\r\n".encode(),
+     "not ASCII text (byte 122, 0xc3, on line 3)"),
+    (ONE_ROW.replace("201001", "2010\x0001").encode("ascii"),
+     "contains a NUL byte (byte 104, on line 2); not a text file"),
+    (b"", "is empty"),
+    (b"\r\n", "is empty"),
+])
+def test_csv_encoding_problems_are_named(tmp_path, data, problem):
+    (tmp_path / "INbreast.csv").write_bytes(data)
+    with pytest.raises(UserError) as info:
+        read_table(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'INbreast.csv'}: {problem}"
+
+
+@pytest.mark.parametrize("header, problem", [
+    ("Patient ID;Patient age;Laterality;View;Acquisition date;File Name;Bi-Rads", "lacks column(s) 'ACR'"),
+    ("Patient ID;Patient age;View;Acquisition date;File Name;Bi-Rads", "lacks column(s) 'Laterality', 'ACR'"),
+    ("Patient ID,Patient age,Laterality,View,Acquisition date,File Name,ACR,Bi-Rads", "separated by ','"),
+    ("Patient ID;Patient age;Laterality;View;Acquisition date;File Name;ACR;Bi-Rads;Mass ",
+     "unexpected column(s) 'Mass' (expected"),
+    ("Patient ID;Patient age;View;Laterality;Acquisition date;File Name;ACR;Bi-Rads", "out of order"),
+])
+def test_csv_header_problems_are_named(tmp_path, header, problem):
+    (tmp_path / "INbreast.csv").write_bytes(f"{header}\r\nremoved;removed;R;CC;201001;22678622;4;1\r\n".encode())
+    with pytest.raises(UserError, match=re.escape(problem)) as info:
+        read_table(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'INbreast.csv'}: header ")
+    assert "\n" not in str(info.value)
+
+
+def test_csv_without_rows_is_an_error(tmp_path):
+    (tmp_path / "INbreast.csv").write_bytes(csv_bytes([]))
+    with pytest.raises(UserError, match="INbreast.csv: no image rows"):
         read_table(tmp_path)
 
 
@@ -236,17 +285,66 @@ def test_negative_and_exponent_points(tmp_path):
     assert roi.points_px == ((-3.5, 10.0), (20.0, -1.25), (1000.0, 5.0))
 
 
+def _xml_with_point(text: str) -> str:
+    """A two-ROI plist whose second ROI (a Calcification) has the single Point_px string `text`."""
+    return roi_xml([("Mass", 15, [(1, 1), (2, 2), (3, 1)]), ("Calcification", 19, [(7.0, 8.0)])]).replace(
+        "<string>(7.000000, 8.000000)</string>", f"<string>{text}</string>")
+
+
+@pytest.mark.parametrize("text, point", [
+    ("(1803.520020, 2311.800049)", (1803.52002, 2311.800049)),   # as OsiriX writes it
+    ("(-3.5, +1e3)", (-3.5, 1000.0)),
+    ("(1E-2, 2.5e+1)", (0.01, 25.0)),
+    ("( 1 ,2 )", (1.0, 2.0)),
+    ("(.5, 7.)", (0.5, 7.0)),
+    ("{4.25, -0.5}", (4.25, -0.5)),                              # Cocoa's notation (section 2.4)
+])
+def test_point_forms_that_are_read(tmp_path, text, point):
+    path = tmp_path / "x.xml"
+    path.write_text(_xml_with_point(text))
+    assert read_rois(path)[1].points_px == (point,)
+
+
+@pytest.mark.parametrize("text", [
+    "(1.5.6, 200)", "(1.5, 200, 3)", "(1.5 200)", "(1.5; 200)", "1.5, 200", "(1.5, 200", "(1.5, 200}",
+    "(1.5, 200) 4", "(nan, 200)", "(1e999, 200)", "(0x1f, 200)", "(1_5, 200)", "(, 200)", "()", "",
+])
+def test_malformed_points_name_file_roi_and_text(tmp_path, text):
+    path = tmp_path / "22670094.xml"
+    path.write_text(_xml_with_point(text))
+    with pytest.raises(UserError) as info:
+        read_rois(path)
+    assert str(info.value) == f"{path}: ROI 1 ('Calcification'): Point_px[0] {text!r} is not a point '(x, y)'"
+
+
+def test_point_that_is_not_a_string_is_an_error(tmp_path):
+    path = tmp_path / "22670094.xml"
+    path.write_text(_xml_with_point("x").replace("<string>x</string>", "<integer>7</integer>"))
+    with pytest.raises(UserError, match=re.escape("ROI 1 ('Calcification'): Point_px[0] 7 is not a point")):
+        read_rois(path)
+
+
+def test_roi_without_points_is_an_error(tmp_path):
+    path = tmp_path / "22670094.xml"
+    path.write_text(roi_xml([("Mass", 15, [(1, 1), (2, 2), (3, 1)]), ("Mass", 15, [])]))
+    with pytest.raises(UserError) as info:
+        read_rois(path)
+    assert str(info.value) == f"{path}: ROI 1 ('Mass'): Point_px is empty (every OsiriX ROI has at least one point)"
+
+
 @pytest.mark.parametrize("content, problem", [
     ("<plist><dict><key>Images</key>", "not a readable plist"),
+    (SPEC_EXAMPLE[: len(SPEC_EXAMPLE) // 2], "not a readable plist XML, truncated or malformed"),
+    ("", "not a readable plist XML, truncated or malformed (empty file)"),
     ('<?xml version="1.0"?><plist version="1.0"><dict><key>ROIPoints</key><array/></dict></plist>',
      "no Images"),
 ])
 def test_unreadable_xml_is_named(tmp_path, content, problem):
     path = tmp_path / "22670094.xml"
     path.write_text(content)
-    with pytest.raises(UserError, match=problem) as info:
+    with pytest.raises(UserError, match=re.escape(problem)) as info:
         read_rois(path)
-    assert "22670094.xml" in str(info.value)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
 # --- lesion names and masks -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from mammoseg.stages.ingest import MANIFEST_COLUMNS, rejected_list_path, run
 REPO = Path(__file__).resolve().parents[2]
 PATIENT_A = "6c613a14b80a8591"
 PATIENT_B = "069212ec65a94339"
+PATIENT_COPY = "0000000000000000"  # sorts before PATIENT_A, as the stray copy in the bug report did
 
 
 @pytest.fixture
@@ -74,6 +76,10 @@ def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, confi
     bad = folder.add("30000005", PATIENT_B, "L", "CC")
     bad.write_bytes(b"not a dicom")                                            # unreadable DICOM
     (folder.root / "AllDICOMs" / "readme_MG.dcm").write_bytes(b"")             # bad file name
+    folder.add("30000006", PATIENT_B, "R", "MLO", rois=[("Calcification", 19, [(7.0, 8.0)])])
+    xml = folder.root / "AllXML" / "30000006.xml"                              # malformed point
+    xml.write_text(xml.read_text().replace("(7.000000, 8.000000)", "(1.5.6, 200)"))
+    folder.add("30000007", PATIENT_B, "L", "MLO", rois=[("Mass", 15, [])])     # ROI without points
     folder.write_csv()
     result = run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
     assert result.images == 3
@@ -85,7 +91,96 @@ def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, confi
     assert "file name says L MLO, the table says L CC" in reasons["30000004"]
     assert "unreadable DICOM" in reasons["30000005"]
     assert "file name is not" in reasons[""]
-    assert not mask_path(tmp_path / "masks", "30000003", "mass").exists()
+    assert reasons["30000006"] == (f"{folder.root / 'AllXML' / '30000006.xml'}: ROI 0 ('Calcification'): "
+                                   "Point_px[0] '(1.5.6, 200)' is not a point '(x, y)'")
+    assert "30000007.xml: ROI 0 ('Mass'): Point_px is empty" in reasons["30000007"]
+    for image_id in ("30000003", "30000006", "30000007"):
+        assert not mask_path(tmp_path / "masks", image_id, "calcification").exists()
+
+
+def _rejections_by_file(manifest: Path) -> dict[str, str]:
+    rejected = pd.read_csv(rejected_list_path(manifest), dtype=str).fillna("")
+    return dict(zip(rejected["file"], rejected["reason"], strict=True))
+
+
+def test_duplicate_image_id_that_cannot_be_told_apart_rejects_every_file(inbreast_folder, tmp_path, config,
+                                                                         caplog):
+    folder = _two_patient_folder(inbreast_folder)
+    genuine = folder.root / "AllDICOMs" / f"20586908_{PATIENT_A}_MG_R_CC_ANON.dcm"
+    copy = folder.add("20586908", PATIENT_COPY, "R", "CC", csv_row=False)  # same side and view: no way to tell
+    with caplog.at_level(logging.WARNING):
+        result = run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
+    manifest = pd.read_parquet(result.manifest)
+    assert manifest["image_id"].tolist() == ["20586960", "22678646"]
+    assert set(manifest["patient_id"]) == {PATIENT_A, PATIENT_B}  # no patient made up by the copy
+    reasons = _rejections_by_file(result.manifest)
+    assert set(reasons) == {str(genuine), str(copy)}  # one row per file, no "row without a DICOM"
+    assert reasons[str(genuine)] == (f"image id 20586908 is also used by {copy.name}; cannot tell which file is "
+                                     "the image (all of them match the table row (R CC)), all rejected")
+    assert genuine.name in reasons[str(copy)] and "all rejected" in reasons[str(copy)]
+    summary = [r.getMessage() for r in caplog.records if "is used by 2 DICOM files" in r.getMessage()]
+    assert summary == [f"image id 20586908 is used by 2 DICOM files ({copy.name}, {genuine.name}): all rejected, "
+                       "all of them match the table row (R CC)"]
+
+
+def test_duplicate_image_id_keeps_the_only_file_that_matches_the_table(inbreast_folder, tmp_path, config, caplog):
+    folder = _two_patient_folder(inbreast_folder)
+    genuine = folder.root / "AllDICOMs" / f"20586908_{PATIENT_A}_MG_R_CC_ANON.dcm"
+    copy = folder.add("20586908", PATIENT_COPY, "L", "MLO", csv_row=False)  # the table says R CC
+    with caplog.at_level(logging.WARNING):
+        result = run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
+    manifest = pd.read_parquet(result.manifest).set_index("image_id")
+    assert manifest.loc["20586908", "patient_id"] == PATIENT_A and manifest.loc["20586908", "n_mass"] == 1
+    assert Path(manifest.loc["20586908", "dicom_path"]) == genuine.resolve()
+    assert _rejections_by_file(result.manifest) == {str(copy): (
+        f"image id 20586908 is also used by {genuine.name}, kept because it matches the table row (R CC); "
+        "this file says L MLO")}
+    summary = [r.getMessage() for r in caplog.records if "is used by 2 DICOM files" in r.getMessage()]
+    assert summary == [f"image id 20586908 is used by 2 DICOM files ({copy.name}, {genuine.name}): kept "
+                       f"{genuine.name}, the only one that matches the table row (R CC)"]
+
+
+def _without_csv(folder):
+    (folder.root / "INbreast.csv").unlink()
+
+
+def _without_dicoms(folder):
+    for path in (folder.root / "AllDICOMs").iterdir():
+        path.unlink()
+
+
+def _csv_with_bom(folder):
+    path = folder.root / "INbreast.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+
+def _csv_without_acr(folder):
+    path = folder.root / "INbreast.csv"
+    lines = path.read_text().split("\r\n")
+    path.write_text("\r\n".join(";".join(line.split(";")[:6] + line.split(";")[7:]) for line in lines))
+
+
+def _csv_with_repeated_row(folder):
+    path = folder.root / "INbreast.csv"
+    path.write_bytes(path.read_bytes() + path.read_bytes().split(b"\r\n")[1] + b"\r\n")
+
+
+@pytest.mark.parametrize("damage, where, problem", [
+    (_without_csv, "", "neither INbreast.csv nor INbreast.xls found"),
+    (_without_dicoms, "/AllDICOMs", "no .dcm files (the folder is empty)"),
+    (_csv_with_bom, "/INbreast.csv",
+     "starts with a UTF-8 byte-order mark (Excel's 'CSV UTF-8'); save it as plain CSV"),
+    (_csv_without_acr, "/INbreast.csv", "header lacks column(s) 'ACR'"),
+    (_csv_with_repeated_row, "/INbreast.csv:5", "image id 20586908 appears twice (first at INbreast.csv:2)"),
+])
+def test_dataset_level_problems_are_one_line_errors(inbreast_folder, tmp_path, config, damage, where, problem):
+    folder = _two_patient_folder(inbreast_folder)
+    damage(folder)
+    with pytest.raises(UserError) as info:
+        run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
+    message = str(info.value)
+    assert message.startswith(f"{folder.root}{where}: {problem}") and "\n" not in message
+    assert not (tmp_path / "manifest.parquet").exists()
 
 
 def test_failure_keeps_previous_outputs(inbreast_folder, tmp_path, config):
@@ -109,16 +204,27 @@ def test_parallel_workers_give_the_same_manifest(inbreast_folder, tmp_path, conf
     pd.testing.assert_frame_equal(pd.read_parquet(one.manifest), pd.read_parquet(two.manifest))
 
 
-def test_cli_user_error_is_one_line(tmp_path):
+def _empty_folder(inbreast_folder, tmp_path) -> tuple[Path, str]:
     (tmp_path / "empty").mkdir()
+    return tmp_path / "empty", f"{tmp_path / 'empty'}: no AllDICOMs/ folder (is this an INbreast Release 1.0 folder?)"
+
+
+def _folder_with_bom(inbreast_folder, tmp_path) -> tuple[Path, str]:
+    folder = _two_patient_folder(inbreast_folder)
+    _csv_with_bom(folder)
+    return folder.root, (f"{folder.root / 'INbreast.csv'}: starts with a UTF-8 byte-order mark "
+                         "(Excel's 'CSV UTF-8'); save it as plain CSV")
+
+
+@pytest.mark.parametrize("make", [_empty_folder, _folder_with_bom], ids=["no-alldicoms", "csv-bom"])
+def test_cli_user_error_is_one_line(make, inbreast_folder, tmp_path):
+    root, message = make(inbreast_folder, tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "mammoseg.cli", "ingest", "--inbreast", str(tmp_path / "empty"),
+        [sys.executable, "-m", "mammoseg.cli", "ingest", "--inbreast", str(root),
          "--manifest-out", str(tmp_path / "m.parquet"), "--masks-out", str(tmp_path / "masks")],
         capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"mammoseg: error: {tmp_path / 'empty'}: no AllDICOMs/ folder "
-        "(is this an INbreast Release 1.0 folder?)"]
+    assert proc.stderr.strip().splitlines() == [f"mammoseg: error: {message}"]
 
 
 def test_cli_runs_ingest(inbreast_folder, tmp_path):
