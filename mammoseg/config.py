@@ -51,7 +51,9 @@ class ValidateConfig:
     min_patients: int
     max_out_of_bounds_share: float
     max_mask_fraction: float
-    privacy_tags: list[str]
+    allowed_bits_allocated: list[int]
+    bits_stored_range: list[int]
+    privacy_allowed: list[str]
     warnings: list[str]
 
 
@@ -63,6 +65,7 @@ class PreprocessConfig:
     """Training dataset at the network's resolution, patient-level splits (`mammoseg preprocess`)."""
 
     size: int
+    size_multiple: int
     split_fractions: list[float]
     seed: int
     workers: int

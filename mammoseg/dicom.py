@@ -1,7 +1,7 @@
 """Read mammogram DICOMs: decode pixel data of any archive transfer syntax into bright = dense arrays.
 
-Also lists the populated identifying attributes of a header (the de-identification check). Writes
-nothing.
+Also lists the populated identifying attributes of a header (the de-identification check) and says
+in plain words what is wrong with a dataset's pixel data element. Writes nothing.
 
 Decoding goes through pydicom 3's pixel backend (`pydicom.pixels.pixel_array`), which tries every
 installed plugin for the file's transfer syntax in turn. With this project's dependencies every
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from os import PathLike
 from pathlib import Path
 
@@ -47,28 +48,179 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 from mammoseg.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Attributes that identify a patient, an exam or the people and place involved: the names, IDs,
-# dates, addresses and numbers of DICOM PS3.15 Table E.1-1 (Basic Application Level Confidentiality
-# Profile) that a mammography header carries in practice. PatientSex is left out on purpose (every
-# mammogram of this dataset is of a woman); private tags are not inspected.
+# The attributes of DICOM PS3.15 Table E.1-1 (Basic Application Level Confidentiality Profile, 2024b)
+# that must be absent or empty in a de-identified mammogram, by pydicom keyword: every attribute of
+# the table that pydicom's dictionary knows, with the profile's actions X (remove), Z (empty), D
+# (dummy value) and their combinations (X/Z, Z/D, X/D, X/Z/D). Z and D also allow a dummy value; INbreast
+# has none, so a value is taken as real, and a site whose de-identifier writes dummies (e.g. a dummy
+# ContentDate) allow-lists those attributes in params.yaml (validate.privacy_allowed). Left out:
+# - action U (SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID,
+#   MediaStorageSOPInstanceUID, ...) and X/Z/U* (ReferencedImageSequence, SourceImageSequence):
+#   the profile replaces these UIDs instead of removing them, so every de-identified file has them;
+# - the repeating groups Curve Data (50xx,xxxx), Overlay Data (60xx,3000) and Overlay Comments
+#   (60xx,4000): pydicom has no keyword for them (tag_for_keyword returns None);
+# - private attributes (the profile removes them): they are not inspected.
+# The profile's other concern, text burned into the pixels, is BurnedInAnnotation (checked by validate).
 IDENTIFYING_KEYWORDS: tuple[str, ...] = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate",
-    "PatientBirthTime", "PatientAge", "PatientAddress", "PatientTelephoneNumbers", "MedicalRecordLocator",
-    "MilitaryRank", "BranchOfService", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
-    "PatientComments", "AccessionNumber", "StudyID", "StudyDate", "SeriesDate", "AcquisitionDate",
-    "ContentDate", "AcquisitionDateTime", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PhysiciansOfRecord",
-    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician",
-    "StationName", "DeviceSerialNumber", "RequestAttributesSequence",
+    "AccessionNumber", "AcquisitionComments", "AcquisitionContextSequence", "AcquisitionDate",
+    "AcquisitionDateTime", "AcquisitionDeviceProcessingDescription", "AcquisitionFieldOfViewLabel",
+    "AcquisitionProtocolDescription", "AcquisitionTime", "ActualHumanPerformersSequence",
+    "AdditionalPatientHistory", "AddressTrial", "AdmissionID", "AdmittingDate", "AdmittingDiagnosesCodeSequence",
+    "AdmittingDiagnosesDescription", "AdmittingTime", "AffectedSOPInstanceUID", "Allergies",
+    "AnnotationGroupDescription", "AnnotationGroupLabel", "AnnotationGroupUID", "ApprovalStatusDateTime",
+    "Arbitrary", "AssertionDateTime", "AssertionExpirationDateTime", "AttributeModificationDateTime",
+    "AuthorObserverSequence", "BarcodeValue", "BeamDescription", "BeamHoldTransitionDateTime", "BolusDescription",
+    "BranchOfService", "CalibrationDate", "CalibrationDateTime", "CalibrationTime", "CameraOwnerName", "CassetteID",
+    "CertificateOfSigner", "CertifiedTimestamp", "ClinicalTrialCoordinatingCenterName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSeriesDescription",
+    "ClinicalTrialSeriesID", "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSponsorName",
+    "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointDescription",
+    "ClinicalTrialTimePointID", "CommentsOnRadiationDose", "CommentsOnThePerformedProcedureStep",
+    "CompensatorDescription", "ConceptualVolumeCombinationDescription", "ConceptualVolumeDescription",
+    "ConfidentialityConstraintOnPatientDataDescription", "ConsultingPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ContainerComponentID", "ContainerDescription", "ContainerIdentifier",
+    "ContentCreatorIdentificationCodeSequence", "ContentCreatorName", "ContentDate", "ContentSequence",
+    "ContentTime", "ContextGroupLocalVersion", "ContextGroupVersion", "ContrastBolusAgent",
+    "ContrastBolusStartTime", "ContrastBolusStopTime", "ContributionDateTime", "ContributionDescription",
+    "CountryOfResidence", "CreationDate", "CreationTime", "CurrentObserverTrial", "CurrentPatientLocation",
+    "CurveDate", "CurveTime", "CustodialOrganizationSequence", "DataSetTrailingPadding", "Date",
+    "DateOfDocumentOrVerbalTransactionTrial", "DateOfInstallation", "DateOfLastCalibration",
+    "DateOfLastDetectorCalibration", "DateOfManufacture", "DateOfSecondaryCapture", "DateTime",
+    "DateTimeOfLastCalibration", "DecayCorrectionDateTime", "DecompositionDescription", "DerivationDescription",
+    "DestinationAE", "DetectorID", "DeviceAlternateIdentifier", "DeviceDescription", "DeviceLabel",
+    "DeviceSerialNumber", "DeviceSettingDescription", "DigitalSignatureDateTime", "DigitalSignaturesSequence",
+    "DischargeDate", "DischargeDiagnosisDescription", "DischargeTime", "DisplacementReferenceLabel",
+    "DistributionAddress", "DistributionName", "DoseReferenceDescription", "EffectiveDateTime",
+    "EncapsulatedDocument", "EndAcquisitionDateTime", "EntityDescription", "EntityLabel", "EntityLongLabel",
+    "EntityName", "EquipmentFrameOfReferenceDescription", "EthicsCommitteeApprovalEffectivenessEndDate",
+    "EthicsCommitteeApprovalEffectivenessStartDate", "EthnicGroup", "ExclusionStartDateTime",
+    "ExpectedCompletionDateTime", "FillerOrderNumberImagingServiceRequest", "FilterLookupTableDescription",
+    "FindingsGroupRecordingDateTrial", "FindingsGroupRecordingTimeTrial", "FirstTreatmentDate",
+    "FixationDeviceDescription", "FlowIdentifier", "FlowIdentifierSequence", "FractionGroupDescription",
+    "FractionationNotes", "FrameAcquisitionDateTime", "FrameComments", "FrameOriginTimestamp",
+    "FrameReferenceDateTime", "FunctionalSyncPulse", "GPSAltitude", "GPSAltitudeRef", "GPSAreaInformation",
+    "GPSDOP", "GPSDateStamp", "GPSDestBearing", "GPSDestBearingRef", "GPSDestDistance", "GPSDestDistanceRef",
+    "GPSDestLatitude", "GPSDestLatitudeRef", "GPSDestLongitude", "GPSDestLongitudeRef", "GPSDifferential",
+    "GPSImgDirection", "GPSImgDirectionRef", "GPSLatitude", "GPSLatitudeRef", "GPSLongitude", "GPSLongitudeRef",
+    "GPSMapDatum", "GPSMeasureMode", "GPSProcessingMethod", "GPSSatellites", "GPSSpeed", "GPSSpeedRef", "GPSStatus",
+    "GPSTimeStamp", "GPSTrack", "GPSTrackRef", "GPSVersionID", "GantryID", "GeneratorID",
+    "GraphicAnnotationSequence", "HL7DocumentEffectiveTime", "HangingProtocolCreationDateTime",
+    "HumanPerformerName", "HumanPerformerOrganization", "IconImageSequence", "IdentifyingComments", "ImageComments",
+    "ImagePresentationComments", "ImagingServiceRequestComments", "ImpedanceMeasurementDateTime", "Impressions",
+    "InformationIssueDateTime", "InstanceCoercionDateTime", "InstanceCreationDate", "InstanceCreationTime",
+    "InstanceOriginStatus", "InstitutionAddress", "InstitutionCodeSequence", "InstitutionName",
+    "InstitutionalDepartmentName", "InstitutionalDepartmentTypeCodeSequence", "InstructionPerformedDateTime",
+    "InsurancePlanIdentification", "IntendedFractionStartTime", "IntendedPhaseEndDate", "IntendedPhaseStartDate",
+    "IntendedRecipientsOfResultsIdentificationSequence", "InterlockDateTime", "InterlockDescription",
+    "InterlockOriginDescription", "InterpretationApprovalDate", "InterpretationApprovalTime",
+    "InterpretationApproverSequence", "InterpretationAuthor", "InterpretationDiagnosisDescription",
+    "InterpretationID", "InterpretationIDIssuer", "InterpretationRecordedDate", "InterpretationRecordedTime",
+    "InterpretationRecorder", "InterpretationText", "InterpretationTranscriber", "InterpretationTranscriptionDate",
+    "InterpretationTranscriptionTime", "InterventionDrugStartTime", "InterventionDrugStopTime",
+    "IssueDateOfImagingServiceRequest", "IssueTimeOfImagingServiceRequest", "IssuerOfAdmissionID",
+    "IssuerOfAdmissionIDSequence", "IssuerOfClinicalTrialProtocolID", "IssuerOfClinicalTrialSeriesID",
+    "IssuerOfClinicalTrialSiteID", "IssuerOfClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialTimePointID", "IssuerOfPatientID", "IssuerOfServiceEpisodeID",
+    "IssuerOfServiceEpisodeIDSequence", "IssuerOfTheContainerIdentifierSequence",
+    "IssuerOfTheSpecimenIdentifierSequence", "LabelText", "LastMenstrualDate", "LensMake", "LensModel",
+    "LensSerialNumber", "LensSpecification", "LongDeviceDescription", "MAC", "MakerNote",
+    "ManufacturerDeviceIdentifier", "MedicalAlerts", "MedicalRecordLocator", "MilitaryRank",
+    "ModifiedAttributesSequence", "ModifiedImageDate", "ModifiedImageDescription", "ModifiedImageTime",
+    "ModifyingDeviceID", "ModifyingSystem", "MostRecentTreatmentDate", "MultienergyAcquisitionDescription",
+    "NameOfPhysiciansReadingStudy", "NamesOfIntendedRecipientsOfResults", "NetworkID",
+    "NonconformingDataElementValue", "NonconformingModifiedAttributesSequence", "ObservationDateTime",
+    "ObservationDateTrial", "ObservationStartDateTime", "ObservationTimeTrial", "Occupation",
+    "OperatorIdentificationSequence", "OperatorsName", "OrderCallbackPhoneNumber",
+    "OrderCallbackTelecomInformation", "OrderEnteredBy", "OrderEntererLocation", "OriginalAttributesSequence",
+    "Originator", "OtherClinicalTrialProtocolIDsSequence", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "OverlayDate", "OverlayTime", "OverrideDateTime", "ParticipantSequence",
+    "ParticipationDateTime", "PatientAddress", "PatientAge", "PatientBirthDate", "PatientBirthName",
+    "PatientBirthTime", "PatientComments", "PatientID", "PatientInstitutionResidence",
+    "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientName",
+    "PatientPrimaryLanguageCodeSequence", "PatientPrimaryLanguageModifierCodeSequence",
+    "PatientReligiousPreference", "PatientSetupPhotoDescription", "PatientSex", "PatientSexNeutered", "PatientSize",
+    "PatientState", "PatientTelecomInformation", "PatientTelephoneNumbers", "PatientTransportArrangements",
+    "PatientTreatmentPreparationMethodDescription", "PatientTreatmentPreparationProcedureParameterDescription",
+    "PatientWeight", "PerformedLocation", "PerformedProcedureStepDescription", "PerformedProcedureStepEndDate",
+    "PerformedProcedureStepEndDateTime", "PerformedProcedureStepEndTime", "PerformedProcedureStepID",
+    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartDateTime", "PerformedProcedureStepStartTime",
+    "PerformedStationAETitle", "PerformedStationGeographicLocationCodeSequence", "PerformedStationName",
+    "PerformedStationNameCodeSequence", "PerformingPhysicianIdentificationSequence", "PerformingPhysicianName",
+    "PersonAddress", "PersonIdentificationCodeSequence", "PersonName", "PersonTelecomInformation",
+    "PersonTelephoneNumbers", "PhysicianApprovingInterpretation", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "PhysiciansReadingStudyIdentificationSequence",
+    "PlacerOrderNumberImagingServiceRequest", "PlateID", "PositionAcquisitionTemplateDescription",
+    "PositionAcquisitionTemplateName", "PreMedication", "PregnancyStatus", "PrescriptionDescription",
+    "PrescriptionNotes", "PrescriptionNotesSequence", "PresentationCreationDate", "PresentationCreationTime",
+    "PriorTreatmentDoseDescription", "ProcedureStepCancellationDateTime", "ProductExpirationDateTime",
+    "ProtocolName", "PyramidDescription", "PyramidLabel", "ROICreatorSequence", "ROIDateTime", "ROIDescription",
+    "ROIGenerationDescription", "ROIInterpreter", "ROIInterpreterSequence", "ROIName", "ROIObservationDateTime",
+    "ROIObservationDescription", "ROIObservationLabel", "RTAccessoryDeviceSlotID", "RTAccessoryHolderSlotID",
+    "RTPhysicianIntentNarrative", "RTPlanDate", "RTPlanDescription", "RTPlanLabel", "RTPlanName", "RTPlanTime",
+    "RTPrescriptionLabel", "RTToleranceSetLabel", "RTTreatmentApproachLabel", "RadiationDoseIdentificationLabel",
+    "RadiationDoseInVivoMeasurementLabel", "RadiationGenerationModeDescription", "RadiationGenerationModeLabel",
+    "RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime", "RadiopharmaceuticalStopDateTime",
+    "RadiopharmaceuticalStopTime", "ReasonForOmissionDescription", "ReasonForRequestedProcedureCodeSequence",
+    "ReasonForStudy", "ReasonForSuperseding", "ReasonForTheAttributeModification",
+    "ReasonForTheImagingServiceRequest", "ReasonForTheRequestedProcedure", "ReasonForVisit",
+    "ReasonForVisitCodeSequence", "ReceivingAE", "RecordedRTControlPointDateTime", "ReferencedDateTime",
+    "ReferencedDigitalSignatureSequence", "ReferencedPatientAliasSequence", "ReferencedPatientPhotoSequence",
+    "ReferencedPatientSequence", "ReferencedPerformedProcedureStepSequence", "ReferencedSOPInstanceMACSequence",
+    "ReferencedStudySequence", "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence",
+    "ReferringPhysicianName", "ReferringPhysicianTelephoneNumbers", "RegionOfResidence",
+    "RequestAttributesSequence", "RequestedContrastAgent", "RequestedProcedureComments",
+    "RequestedProcedureDescription", "RequestedProcedureID", "RequestedProcedureLocation",
+    "RequestedSeriesDescription", "RequestingAE", "RequestingPhysician", "RequestingService",
+    "RespiratoryMotionCompensationTechniqueDescription", "ResponsibleOrganization", "ResponsiblePerson",
+    "ResultsComments", "ResultsDistributionListSequence", "ResultsID", "ResultsIDIssuer", "RetrieveAETitle",
+    "ReviewDate", "ReviewTime", "ReviewerName", "SOPAuthorizationDateTime", "SafePositionExitDate",
+    "SafePositionExitTime", "SafePositionReturnDate", "SafePositionReturnTime", "ScheduledAdmissionDate",
+    "ScheduledAdmissionTime", "ScheduledDischargeDate", "ScheduledDischargeTime",
+    "ScheduledHumanPerformersSequence", "ScheduledPatientInstitutionResidence",
+    "ScheduledPerformingPhysicianIdentificationSequence", "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepDescription", "ScheduledProcedureStepEndDate", "ScheduledProcedureStepEndTime",
+    "ScheduledProcedureStepExpirationDateTime", "ScheduledProcedureStepID", "ScheduledProcedureStepLocation",
+    "ScheduledProcedureStepModificationDateTime", "ScheduledProcedureStepStartDate",
+    "ScheduledProcedureStepStartDateTime", "ScheduledProcedureStepStartTime", "ScheduledStationAETitle",
+    "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName", "ScheduledStationNameCodeSequence",
+    "ScheduledStudyLocation", "ScheduledStudyLocationAETitle", "ScheduledStudyStartDate", "ScheduledStudyStartTime",
+    "ScheduledStudyStopDate", "ScheduledStudyStopTime", "SelectorAEValue", "SelectorASValue", "SelectorDAValue",
+    "SelectorDTValue", "SelectorLOValue", "SelectorLTValue", "SelectorOBValue", "SelectorPNValue",
+    "SelectorSHValue", "SelectorSTValue", "SelectorTMValue", "SelectorUNValue", "SelectorURValue",
+    "SelectorUTValue", "SeriesDate", "SeriesDescription", "SeriesTime", "ServiceEpisodeDescription",
+    "ServiceEpisodeID", "SetupTechniqueDescription", "ShieldingDeviceDescription", "SlideIdentifier",
+    "SmokingStatus", "SourceEndDateTime", "SourceIdentifier", "SourceManufacturer", "SourceOfPreviousValues",
+    "SourceSerialNumber", "SourceStartDateTime", "SourceStrengthReferenceDate", "SourceStrengthReferenceTime",
+    "SpecialNeeds", "SpecimenAccessionNumber", "SpecimenDetailedDescription", "SpecimenIdentifier",
+    "SpecimenPreparationSequence", "SpecimenShortDescription", "StartAcquisitionDateTime", "StationAETitle",
+    "StationName", "StructureSetDate", "StructureSetDescription", "StructureSetLabel", "StructureSetName",
+    "StructureSetTime", "StudyArrivalDate", "StudyArrivalTime", "StudyComments", "StudyCompletionDate",
+    "StudyCompletionTime", "StudyDate", "StudyDescription", "StudyID", "StudyIDIssuer", "StudyReadDate",
+    "StudyReadTime", "StudyTime", "StudyVerifiedDate", "StudyVerifiedTime", "SubstanceAdministrationDateTime",
+    "TelephoneNumberTrial", "TemplateLocalVersion", "TemplateVersion", "TextComments", "TextString", "Time",
+    "TimeOfDocumentCreationOrVerbalTransactionTrial", "TimeOfLastCalibration", "TimeOfLastDetectorCalibration",
+    "TimeOfSecondaryCapture", "TimezoneOffsetFromUTC", "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle",
+    "TransducerIdentificationSequence", "TreatmentControlPointDate", "TreatmentControlPointTime", "TreatmentDate",
+    "TreatmentMachineName", "TreatmentPositionGroupLabel", "TreatmentSite", "TreatmentSites",
+    "TreatmentTechniqueNotes", "TreatmentTime", "TreatmentToleranceViolationDateTime",
+    "TreatmentToleranceViolationDescription", "UDISequence", "UniqueDeviceIdentifier", "UserContentLabel",
+    "UserContentLongLabel", "VerbalSourceIdentifierCodeSequenceTrial", "VerbalSourceTrial", "VerificationDateTime",
+    "VerifyingObserverIdentificationCodeSequence", "VerifyingObserverName", "VerifyingObserverSequence",
+    "VerifyingOrganization", "VisitComments", "WaveformFilterDescription", "XRayDetectorID", "XRayDetectorLabel",
+    "XRaySourceID",
 )
+
+# Each keyword's tag, looked up once: `tag in ds` is a dict lookup, a keyword needs a dictionary search.
+_IDENTIFYING_TAGS: tuple[tuple[str, BaseTag], ...] = tuple((keyword, Tag(keyword)) for keyword in IDENTIFYING_KEYWORDS)
+_PIXEL_DATA = Tag("PixelData")
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated pixel data: the length is not written in the header
 
 # Read with the pixels besides group 0028 (which pixel_array always returns): the laterality tags.
 _EXTRA_TAGS = (Tag("ImageLaterality"), Tag("Laterality"))
@@ -214,15 +366,18 @@ def read_image(path: str | PathLike[str], *, apply_voi: bool) -> DicomImage:
                       inverted, laterality_of(ds))
 
 
-def identifying_attributes(source: str | PathLike[str] | Dataset) -> dict[str, str]:
+def identifying_attributes(source: str | PathLike[str] | Dataset, *,
+                           allowed: Collection[str] = ()) -> dict[str, str]:
     """List the populated identifying attributes of a DICOM header (the de-identification check).
 
     Args:
         source: a DICOM file (only the header is read) or an already read dataset.
+        allowed: keywords of IDENTIFYING_KEYWORDS that may keep a value (a documented exception,
+            e.g. PatientSex in a mammography dataset); they are not listed.
 
     Returns:
-        keyword -> value as text, for each keyword of IDENTIFYING_KEYWORDS present with a non-empty
-        value; an empty dict means the header passes.
+        keyword -> value as text, for each keyword of IDENTIFYING_KEYWORDS (less `allowed`) present
+        with a non-empty value, in that list's order; an empty dict means the header passes.
 
     Raises:
         UserError: the file cannot be read as DICOM.
@@ -236,15 +391,53 @@ def identifying_attributes(source: str | PathLike[str] | Dataset) -> dict[str, s
             raise UserError(f"{source}: DICOM file not found") from None
         except Exception as exc:  # any parse failure means "not readable DICOM"
             raise UserError(f"{source}: not a readable DICOM file ({_one_line(exc)})") from None
+    skip = frozenset(allowed)
     found: dict[str, str] = {}
-    for keyword in IDENTIFYING_KEYWORDS:
-        element = ds.get(keyword)
-        if element is None:
+    for keyword, tag in _IDENTIFYING_TAGS:
+        if tag not in ds or keyword in skip:
             continue
-        value = element.value if hasattr(element, "value") else element
+        value = ds[tag].value
         if value is None or (hasattr(value, "__len__") and len(value) == 0):
             continue
         text = str(value).strip()
         if text:
             found[keyword] = text
     return found
+
+
+def pixel_data_problem(ds: Dataset) -> str | None:
+    """Say in plain words why a dataset's pixel data cannot hold its image; None when nothing is wrong.
+
+    Catches before decoding what the decoders report obscurely (a TypeError for empty pixel data, a
+    byte count for a cut file): PixelData missing or empty, PixelData shorter than the length its
+    header declares (a truncated file) and, for native (not encapsulated) transfer syntaxes, a length
+    that disagrees with Rows x Columns x frames x samples x BitsAllocated. Call it before anything
+    reads PixelData: the declared length is known only while the element is still raw.
+
+    Args:
+        ds: a dataset read with its pixel data.
+    """
+    element = ds.get_item(_PIXEL_DATA)
+    if element is None:
+        return "no pixel data (PixelData is missing; the file may be truncated)"
+    value = element.value
+    if value is None or len(value) == 0:
+        return "no pixel data (PixelData is empty)"
+    declared = getattr(element, "length", None)  # a RawDataElement keeps the header's length
+    if declared is not None and declared != _UNDEFINED_LENGTH and declared > len(value):
+        return f"truncated file (PixelData has {len(value)} of its {declared} bytes)"
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated:
+        return None  # compressed frames: only the decoder knows how long they should be
+    missing = [keyword for keyword in ("Rows", "Columns", "BitsAllocated") if ds.get(keyword) in (None, "")]
+    if missing:
+        return f"{' and '.join(missing)} missing from the header"
+    rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    if len(value) not in (expected, expected + expected % 2):  # an odd length is padded to even
+        shape = f"{rows}x{columns}" + (f"x{frames} frames" if frames != 1 else "")
+        return (f"Rows/Columns disagree with the pixel data: {shape} at {bits} bits needs {expected} "
+                f"bytes, PixelData has {len(value)}")
+    return None

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -52,7 +51,7 @@ from mammoseg.data import (
 )
 from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
-from mammoseg.fileio import replace_folder, sha256_of, write_atomically
+from mammoseg.fileio import replace_folder, sha256_of, staging_folder, write_atomically
 from mammoseg.preprocessing import MASK_RULES, PreprocessParams, Transform, preprocess, quantize
 
 log = logging.getLogger(__name__)
@@ -363,13 +362,17 @@ def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path
         UserError: a bad parameter, manifest, DICOM or mask; the message names the file.
     """
     params = params_from_config(config)
+    if config.size % config.size_multiple:
+        # Caught here, not at train: a dataset the network cannot take must not replace a good one.
+        raise UserError(f"preprocess.size {config.size} is not a multiple of preprocess.size_multiple "
+                        f"{config.size_multiple} (the network halves its input that often)")
     frame = _read_manifest(manifest)
     if not masks.is_dir():
         raise UserError(f"{masks}: masks folder not found")
     patients = assign_splits(frame, config.split_fractions, config.seed, manifest)
     _check_replaceable(dataset_out)
     dataset_out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dataset_out.name}.", dir=dataset_out.parent))
+    staging = staging_folder(dataset_out)
     try:
         (staging / IMAGES_DIR).mkdir()
         (staging / MASKS_DIR).mkdir()

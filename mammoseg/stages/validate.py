@@ -1,15 +1,20 @@
 """Validate: read the manifest and the DICOMs (and ROI XMLs) it points to; write a report and Data Docs.
 
 The data contract is a Great Expectations suite over one table: the manifest joined with per-image
-facts that need the files (sha256 actually computed, DICOM Modality, size, BitsStored, pixel range,
-populated patient tags, ROI point counts). Gathering the facts is the slow part and runs in a
-process pool; Great Expectations then checks the table with standard expectations, each carrying a
-name and a severity. Critical failures make the stage fail (exit code 1); warnings are reported and
-let it pass. Every failed expectation names the offending image ids, in the log and in summary.json.
+facts that need the files (sha256 actually computed, why a file is unreadable, DICOM Modality, size,
+BitsAllocated, BitsStored, pixel range, the keywords of populated identifying attributes,
+BurnedInAnnotation, ROI point counts). Gathering the facts is the slow part and runs in a process
+pool; Great Expectations then checks the table with standard expectations, each carrying a name and
+a severity. Critical failures make the stage fail (exit code 1); warnings are reported and let it
+pass. Every failed expectation names the offending images (id, DICOM path and, for one-column rules,
+the offending value: a reason, a size, attribute keywords, never an identifying value), in the log
+for the first few and in summary.json for all.
 
 The report folder is self-contained so the training stage can attach it to its MLflow run as is:
 `summary.json` (machine-readable), `index.html` (a plain page that reads offline) and `data_docs/`
-(the Great Expectations site: suite and validation-result pages).
+(the Great Expectations site: suite and validation-result pages). A failing report replaces the
+previous one (people must read it, and DVC tracks that folder); if the previous one passed, it is
+kept beside it as `<report>.last-passing/` until a run passes again.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,13 +37,15 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pydicom.datadict
+from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from mammoseg.config import ValidateConfig
+from mammoseg.dicom import IDENTIFYING_KEYWORDS, identifying_attributes, pixel_data_problem
 from mammoseg.errors import UserError
-from mammoseg.fileio import replace_folder, sha256_of
+from mammoseg.fileio import replace_folder, sha256_of, staging_folder
 from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
-from mammoseg.stages.ingest import MANIFEST_COLUMNS
+from mammoseg.stages.ingest import MANIFEST_COLUMNS, rejected_list_path
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,19 @@ SUITE_NAME = "inbreast_contract"
 SUMMARY_NAME = "summary.json"
 INDEX_NAME = "index.html"
 DATA_DOCS_DIR = "data_docs"
-# Shown instead of a patient tag's value: the report must not carry the identifying data it catches.
-POPULATED = "<populated>"
-LOG_IDS = 5  # offending image ids named per log line (summary.json lists them all)
+LAST_PASSING_SUFFIX = ".last-passing"  # <report_out>.last-passing: the last passing report, while one fails
+LOG_IDS = 5  # offending images named per log line (summary.json lists them all)
+# Checked by mammoseg itself, beside the Great Expectations suite: the files are not manifest rows.
+# Ingest rejects a bad file and carries on (one broken file should not hide the others' problems);
+# the contract is where a shrunken dataset stops the pipeline. Real INbreast ingests all 410 files.
+REJECTED_RULE = "no_rejected_files"
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-# Per-image facts read from the files (privacy tag columns `tag_<Keyword>` follow them).
-_INT_FACTS = ("dicom_rows", "dicom_columns", "bits_stored", "pixel_min", "pixel_max", "pixel_floor",
-              "pixel_ceiling", "roi_points")
-FACT_COLUMNS = ("file_sha256", "read_error", "modality", *_INT_FACTS, "xml_error")
+# Per-image facts read from the files. `identifying_attributes` holds the keywords (never the values)
+# of the populated attributes: the report must not carry the identifying data it catches.
+_INT_FACTS = ("dicom_rows", "dicom_columns", "bits_allocated", "bits_stored", "pixel_min", "pixel_max",
+              "pixel_floor", "pixel_ceiling", "roi_points")
+FACT_COLUMNS = ("file_sha256", "read_error", "modality", "identifying_attributes", "burned_in_annotation",
+                *_INT_FACTS, "xml_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,7 @@ class ValidateResult:
     summary: Path
     report: Path
     data_docs_index: Path
+    last_passing: Path | None = None  # where the previous passing report is kept while this one fails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +115,7 @@ class _Job:
 
     image_id: str
     dicom_path: str
-    privacy_tags: tuple[str, ...]
+    privacy_allowed: tuple[str, ...]
 
 
 def parse_sizes(sizes: Sequence[str]) -> list[str]:
@@ -118,6 +130,32 @@ def parse_sizes(sizes: Sequence[str]) -> list[str]:
     return list(sizes)
 
 
+def parse_bits_stored_range(bounds: Sequence[int]) -> tuple[int, int]:
+    """Check that the BitsStored range is [min, max] with 1 <= min <= max <= 32 and return it.
+
+    Raises:
+        UserError: it is not two such numbers.
+    """
+    if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1] <= 32:
+        raise UserError(f"validate: bits_stored_range {list(bounds)!r} is not [min, max] with 1 <= min <= max <= 32")
+    return bounds[0], bounds[1]
+
+
+def parse_privacy_allowed(keywords: Sequence[str]) -> list[str]:
+    """Check that every allow-listed keyword is an attribute of IDENTIFYING_KEYWORDS and return them.
+
+    Raises:
+        UserError: a keyword is not a DICOM keyword, or not one the privacy rule checks.
+    """
+    for keyword in keywords:
+        if pydicom.datadict.tag_for_keyword(keyword) is None:
+            raise UserError(f"validate: privacy_allowed names {keyword!r}, which is not a DICOM keyword")
+        if keyword not in IDENTIFYING_KEYWORDS:
+            raise UserError(f"validate: privacy_allowed names {keyword!r}, which the privacy rule does not check "
+                            "(not in mammoseg.dicom.IDENTIFYING_KEYWORDS)")
+    return list(keywords)
+
+
 def contract(config: ValidateConfig) -> list[Rule]:
     """Return the data contract's rules, in the order the report lists them.
 
@@ -125,6 +163,9 @@ def contract(config: ValidateConfig) -> list[Rule]:
     in `_checked_table`.
     """
     sizes = parse_sizes(config.allowed_sizes)
+    bits_low, bits_high = parse_bits_stored_range(config.bits_stored_range)
+    allowed = parse_privacy_allowed(config.privacy_allowed)
+    bits_allocated = sorted(config.allowed_bits_allocated)
     birads = sorted(BIRADS_VALUES)
     rules = [
         # keys
@@ -162,6 +203,12 @@ def contract(config: ValidateConfig) -> list[Rule]:
              {"column_A": "manifest_size", "column_B": "dicom_size",
               "ignore_row_if": "either_value_is_missing"},
              "the manifest's rows x columns equal the DICOM's"),
+        Rule("bits_allocated_allowed", "ExpectColumnValuesToBeInSet",
+             {"column": "bits_allocated", "value_set": bits_allocated},
+             f"DICOM BitsAllocated is one of {', '.join(map(str, bits_allocated))}"),
+        Rule("bits_stored_in_range", "ExpectColumnValuesToBeBetween",
+             {"column": "bits_stored", "min_value": bits_low, "max_value": bits_high},
+             f"DICOM BitsStored is {bits_low}-{bits_high}"),
         Rule("pixel_max_within_bits_stored", "ExpectColumnPairValuesAToBeGreaterThanB",
              {"column_A": "pixel_ceiling", "column_B": "pixel_max", "or_equal": True,
               "ignore_row_if": "either_value_is_missing"},
@@ -197,9 +244,13 @@ def contract(config: ValidateConfig) -> list[Rule]:
              f"lesion masks cover at most {config.max_mask_fraction:.0%} of the image"),
     ]
     # privacy: INbreast is anonymised; a file that is not must stop here, before any tracking server.
-    rules += [Rule(f"no_{_snake(tag)}", "ExpectColumnValuesToBeNull", {"column": f"tag_{tag}"},
-                   f"DICOM {tag} is absent or empty") for tag in config.privacy_tags]
     rules += [
+        Rule("no_identifying_attributes", "ExpectColumnValuesToBeNull", {"column": "identifying_attributes"},
+             "no attribute of DICOM PS3.15's Basic Application Level Confidentiality Profile has a value"
+             + (f" (allowed: {', '.join(allowed)})" if allowed else "")),
+        Rule("no_burned_in_annotation", "ExpectColumnValuesToNotBeInSet",
+             {"column": "burned_in_annotation", "value_set": ["YES"]},
+             "BurnedInAnnotation is not YES (text burned into the pixels may identify the patient)"),
         # dataset
         Rule("min_images", "ExpectTableRowCountToBeBetween", {"min_value": config.min_images},
              f"at least {config.min_images} images"),
@@ -220,22 +271,12 @@ def severities(config: ValidateConfig, rules: Sequence[Rule]) -> dict[str, str]:
     Raises:
         UserError: `config.warnings` names a rule that does not exist.
     """
-    names = [rule.name for rule in rules]
+    names = [*(rule.name for rule in rules), REJECTED_RULE]
     unknown = sorted(set(config.warnings) - set(names))
     if unknown:
         raise UserError(f"validate: warnings names unknown expectation(s) {', '.join(unknown)}; "
                         f"known: {', '.join(names)}")
     return {name: "warning" if name in config.warnings else "critical" for name in names}
-
-
-def _snake(keyword: str) -> str:
-    """PatientBirthDate -> patient_birth_date, PatientID -> patient_id."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", keyword).lower()
-
-
-def fact_columns(privacy_tags: Sequence[str]) -> list[str]:
-    """Return the columns `_image_facts` fills, in order."""
-    return [*FACT_COLUMNS, *(f"tag_{tag}" for tag in privacy_tags)]
 
 
 def _image_facts(job: _Job) -> dict[str, Any]:
@@ -244,9 +285,9 @@ def _image_facts(job: _Job) -> dict[str, Any]:
     Never raises for a bad file: the problem is recorded in `read_error` / `xml_error` and the facts
     that could not be read stay None.
     """
-    facts: dict[str, Any] = dict.fromkeys(fact_columns(job.privacy_tags))
+    facts: dict[str, Any] = dict.fromkeys(FACT_COLUMNS)
     path = Path(job.dicom_path)
-    _dicom_facts(path, job.privacy_tags, facts)
+    _dicom_facts(path, job.privacy_allowed, facts)
     # ROI XMLs sit beside AllDICOMs (INbreast layout); an image without one has no ROI.
     xml_path = path.parent.parent / XML_DIR / f"{job.image_id}.xml"
     if xml_path.is_file():
@@ -259,32 +300,62 @@ def _image_facts(job: _Job) -> dict[str, Any]:
     return facts
 
 
-def _dicom_facts(path: Path, privacy_tags: Sequence[str], facts: dict[str, Any]) -> None:
-    """Fill the DICOM facts of one image into `facts`; record what went wrong in `read_error`."""
+def _exception_text(exc: BaseException) -> str:
+    """Return `Type: first line of the message`, at most 160 characters, for a read_error."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}"[:160] if message else type(exc).__name__
+
+
+def _dicom_facts(path: Path, privacy_allowed: Sequence[str], facts: dict[str, Any]) -> None:
+    """Fill the DICOM facts of one image into `facts`; say in plain words what went wrong in `read_error`."""
     try:
         facts["file_sha256"] = sha256_of(path)
+    except FileNotFoundError:
+        facts["read_error"] = "file not found"
+        return
     except OSError as exc:
         facts["read_error"] = f"cannot read file ({exc.strerror or exc})"
         return
     try:
         # A second read of the file, from the page cache: cheaper than copying it into a BytesIO.
         ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        facts["read_error"] = "not a DICOM file (no 'DICM' prefix or file meta header)"
+        return
+    except Exception as exc:  # a header cut short or garbled: pydicom raises many types
+        facts["read_error"] = f"unreadable DICOM header ({_exception_text(exc)})"
+        return
+    # Before anything touches PixelData: its declared length is known only while it is still raw.
+    pixel_problem = pixel_data_problem(ds)
+    try:
         # Privacy first: a header that reads is enough to catch a named patient, pixels or not.
-        for tag in privacy_tags:
-            facts[f"tag_{tag}"] = POPULATED if str(ds.get(tag, "") or "").strip() else None
+        facts["identifying_attributes"] = ", ".join(identifying_attributes(ds, allowed=privacy_allowed)) or None
+        facts["burned_in_annotation"] = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
         facts["modality"] = str(ds.get("Modality", "")).strip() or None
+        missing = [keyword for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored")
+                   if ds.get(keyword) in (None, "")]
+        if missing:
+            facts["read_error"] = f"{' and '.join(missing)} missing from the header"
+            return
         facts["dicom_rows"], facts["dicom_columns"] = int(ds.Rows), int(ds.Columns)
-        bits_stored, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0)) == 1
+        facts["bits_allocated"] = int(ds.BitsAllocated)
+        facts["bits_stored"] = bits_stored = int(ds.BitsStored)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+    except Exception as exc:  # a header value pydicom cannot convert
+        facts["read_error"] = f"unreadable DICOM header ({_exception_text(exc)})"
+        return
+    if pixel_problem is not None:
+        facts["read_error"] = pixel_problem
+        return
+    try:
         # Raw stored values: pydicom would otherwise mask them to BitsStored and hide the fault.
         ds.pixel_array_options(correct_unused_bits=False)
         pixels = ds.pixel_array
-        facts["bits_stored"] = bits_stored
         facts["pixel_min"], facts["pixel_max"] = int(pixels.min()), int(pixels.max())
         facts["pixel_floor"] = -(1 << (bits_stored - 1)) if signed else 0
         facts["pixel_ceiling"] = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
-    except Exception as exc:  # pydicom and its decoders raise many types for a damaged file
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        facts["read_error"] = f"{type(exc).__name__}: {message}"[:200]
+    except Exception as exc:  # pydicom and its decoders raise many types for a damaged stream
+        facts["read_error"] = f"cannot decode pixel data ({_exception_text(exc)})"
 
 
 def _gather_facts(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
@@ -403,7 +474,7 @@ def _build_suite_run(table: pd.DataFrame, rules: Sequence[Rule], severity: dict[
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name="validate", validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id"]}))
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id", "dicom_path"]}))
     run_id = RunIdentifier(run_name=run_name, run_time=run_time)
     result = checkpoint.run(batch_parameters={"dataframe": table}, run_id=run_id)
     (validation,) = result.run_results.values()
@@ -424,13 +495,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, str]) -> dict[str, Any]:
-    """Summarise one failed expectation result: its name, severity, offending image ids and values."""
+    """Summarise one failed expectation result: its name, severity, offending images and values.
+
+    `images` lists each offending row's image id, DICOM path and, for a one-column rule, its value
+    in that column (a read error's reason, a size, keywords of identifying attributes).
+    """
     config = outcome.expectation_config
     name = config.meta["name"]
     kwargs = config.kwargs
     columns = [kwargs[key] for key in ("column", "column_A", "column_B") if kwargs.get(key)]
-    index_list = outcome.result.get("unexpected_index_list") or []
-    ids = [str(item["image_id"]) for item in index_list if isinstance(item, dict) and "image_id" in item]
+    index_list = [item for item in outcome.result.get("unexpected_index_list") or []
+                  if isinstance(item, dict) and "image_id" in item]
+    ids = [str(item["image_id"]) for item in index_list]
+    column = kwargs.get("column")
+    images = [{"image_id": str(item["image_id"]), "dicom_path": item.get("dicom_path"),
+               **({"value": item.get(column)} if column and column in item else {})} for item in index_list]
     failure = {
         "name": name,
         "severity": severity[name],
@@ -440,6 +519,7 @@ def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, 
         "observed_value": outcome.result.get("observed_value"),
         "expected": {key: kwargs[key] for key in ("min_value", "max_value") if kwargs.get(key) is not None},
         "image_ids": ids,
+        "images": images,
         "unexpected_values": (outcome.result.get("unexpected_list") or [])[:50],
     }
     if outcome.exception_info and outcome.exception_info.get("raised_exception"):
@@ -447,17 +527,59 @@ def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, 
     return _jsonable(failure)
 
 
+def _one_line(value: Any) -> str:
+    """Return a value as text on one line (a log line must stay one line whatever a file holds)."""
+    return " ".join(str(value).split())
+
+
+def _rejected_failure(manifest: Path, severity: dict[str, str]) -> dict[str, Any] | None:
+    """Turn ingest's rejected list beside the manifest into a failure record (None when it is empty).
+
+    Each rejected file is named with ingest's reason, in the same shape as a failed expectation.
+    """
+    path = rejected_list_path(manifest)
+    if not path.is_file():
+        log.warning("%s: no rejected list beside the manifest; %s not checked", path, REJECTED_RULE)
+        return None
+    try:
+        rejected = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable rejected list ({exc})") from None
+    if rejected.empty:
+        return None
+    images = [{"image_id": row.image_id, "dicom_path": row.file, "value": row.reason}
+              for row in rejected.itertuples(index=False)]
+    return {"name": REJECTED_RULE, "severity": severity[REJECTED_RULE],
+            "expectation": f"ingest accepted every file ({path.name})",
+            "description": "ingest rejected no file of the INbreast folder",
+            "unexpected_count": len(images), "observed_value": len(images), "expected": {},
+            "image_ids": [image["image_id"] for image in images], "images": images, "unexpected_values": []}
+
+
 def _log_line(failure: dict[str, Any]) -> str:
-    """One line per failed expectation: severity, name, expectation and up to LOG_IDS image ids."""
+    """One line per failed expectation: severity, name, expectation and up to LOG_IDS offending images.
+
+    Each image shows as `id (path: value)`: the DICOM file to open and, for one-column rules, what
+    was wrong (the reason a file is unreadable, the keywords of identifying attributes).
+    """
     head = f"FAILED {failure['severity']} {failure['name']} {failure['expectation']}"
     if failure.get("error"):
-        return f"{head}: could not be evaluated ({failure['error']})"
+        return f"{head}: could not be evaluated ({_one_line(failure['error'])})"
     ids = failure["image_ids"]
     if ids:
-        distinct = list(dict.fromkeys(ids))  # a duplicated id is one id however many rows carry it
-        shown = ", ".join(distinct[:LOG_IDS])
+        first: dict[tuple[str, Any], dict[str, Any]] = {}
+        for image in failure["images"]:
+            # One entry per file: a duplicated id is shown once per DICOM that carries it.
+            first.setdefault((image["image_id"], image.get("dicom_path")), image)
+        distinct = list(first.values())
+        shown = []
+        for image in distinct[:LOG_IDS]:
+            detail = [str(image["dicom_path"])] if image.get("dicom_path") else []
+            if image.get("value") is not None:
+                detail.append(_one_line(image["value"]))
+            shown.append(f"{image['image_id']} ({': '.join(detail)})" if detail else image["image_id"])
         more = ", ..." if len(distinct) > LOG_IDS else ""
-        return f"{head}: {len(ids)} image{'s' if len(ids) != 1 else ''}, e.g. {shown}{more}"
+        return f"{head}: {len(ids)} image{'s' if len(ids) != 1 else ''}, e.g. {', '.join(shown)}{more}"
     expected = ", ".join(f"{key} {value}" for key, value in failure["expected"].items())
     return f"{head}: observed {failure['observed_value']!r}" + (f" ({expected})" if expected else "")
 
@@ -514,11 +636,52 @@ Critical failures fail the stage; warnings are reported only.</p>
 """
 
 
+def last_passing_path(report_out: Path) -> Path:
+    """Return where the last passing report is kept while report_out holds a failing one."""
+    return report_out.with_name(report_out.name + LAST_PASSING_SUFFIX)
+
+
+def _report_passed(report: Path) -> bool:
+    """Tell whether a report folder holds a summary.json that says success; False if none or unreadable."""
+    try:
+        return json.loads((report / SUMMARY_NAME).read_text()).get("success") is True
+    except (OSError, ValueError, AttributeError):  # no report yet, or a damaged one: nothing to keep
+        return False
+
+
+def _install_report(staging: Path, report_out: Path, success: bool) -> Path | None:
+    """Put the new report at report_out, keeping the last passing one beside a failing one.
+
+    A failing run whose predecessor passed moves that report to `<report_out>.last-passing/`
+    (replacing an older one there); a failing run after a failing one leaves `.last-passing` as it
+    is, so it always holds the newest passing report. A passing run removes `.last-passing`: the
+    report at report_out is then itself the last passing one.
+
+    Returns:
+        The `.last-passing` folder when it holds a report after this call, else None.
+    """
+    kept = last_passing_path(report_out)
+    if success:
+        replace_folder(staging, report_out)
+        if kept.exists():
+            shutil.rmtree(kept)
+        return None
+    if _report_passed(report_out):
+        replace_folder(report_out, kept)  # report_out itself is the staging folder here
+    replace_folder(staging, report_out)
+    return kept if kept.exists() else None
+
+
 def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateResult:
     """Check a manifest and the files it points to against the data contract.
 
+    The new report always replaces report_out: a failing one must be read, and DVC tracks that
+    folder. When it fails and the report it replaces had passed, the passing one is kept at
+    `<report_out>.last-passing/` (see `_install_report`); a later passing run removes that folder.
+
     Args:
-        config: thresholds, allowed sizes, privacy tags, warning-level rule names, workers.
+        config: thresholds, allowed sizes and bit depths, the privacy allow-list, warning-level rule
+            names, workers.
         manifest: the Parquet manifest written by ingest.
         report_out: folder to (re)write with `summary.json` and `data_docs/` (Great Expectations HTML).
 
@@ -526,25 +689,23 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
         Success, exit code (1 when a critical expectation fails), counts and the report paths.
 
     Raises:
-        UserError: the manifest is missing or unreadable, or the config names unknown rules or tags.
+        UserError: the manifest is missing or unreadable, or the config names unknown rules or
+            keywords or has a malformed size or bit range.
     """
     rules = contract(config)
     severity = severities(config, rules)
-    for tag in config.privacy_tags:
-        if pydicom.datadict.tag_for_keyword(tag) is None:
-            raise UserError(f"validate: privacy tag {tag!r} is not a DICOM keyword")
     frame = read_manifest(manifest)
-    jobs = [_Job(str(row.image_id), str(row.dicom_path), tuple(config.privacy_tags))
+    jobs = [_Job(str(row.image_id), str(row.dicom_path), tuple(config.privacy_allowed))
             for row in frame[["image_id", "dicom_path"]].itertuples(index=False)]
     workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
     facts = pd.DataFrame(list(_gather_facts(jobs, min(workers, max(len(jobs), 1)))),
-                         columns=fact_columns(config.privacy_tags), index=frame.index)
+                         columns=list(FACT_COLUMNS), index=frame.index)
     log.info("read %d DICOMs in %.1f s", len(jobs), time.perf_counter() - start)
     table = _checked_table(frame, facts)
 
     report_out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{report_out.name}.", dir=report_out.parent))
+    staging = staging_folder(report_out)
     run_time = datetime.datetime.now(datetime.UTC)
     try:
         docs = staging / DATA_DOCS_DIR
@@ -553,6 +714,8 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
         outcomes = sorted(validation.results, key=lambda r: order[r.expectation_config.meta["name"]])
         by_name = {rule.name: rule for rule in rules}
         failures = [_describe_failure(o, by_name, severity) for o in outcomes if not o.success]
+        rejected = _rejected_failure(manifest, severity)
+        failures += [rejected] if rejected else []
         critical = [f for f in failures if f["severity"] == "critical"]
         warnings = [f for f in failures if f["severity"] == "warning"]
         success = not critical
@@ -573,7 +736,9 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
             "failed": failures,
             "expectations": [{"name": o.expectation_config.meta["name"],
                               "severity": severity[o.expectation_config.meta["name"]],
-                              "success": bool(o.success)} for o in outcomes],
+                              "success": bool(o.success)} for o in outcomes]
+                            + [{"name": REJECTED_RULE, "severity": severity[REJECTED_RULE],
+                                "success": rejected is None}],
         }
         links = {"Data Docs home (needs internet for its styles and tables)": f"{DATA_DOCS_DIR}/index.html"}
         for page in sorted(docs.glob("validations/**/*.html")):
@@ -583,7 +748,7 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
                       for page in sorted(docs.glob("expectations/*.html"))})
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / INDEX_NAME).write_text(_report_page(summary, links))
-        replace_folder(staging, report_out)
+        kept = _install_report(staging, report_out, success)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -592,9 +757,11 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
         log.error("%s", _log_line(failure))
     for failure in warnings:
         log.warning("%s", _log_line(failure))
+    if kept is not None:
+        log.info("previous passing report kept at %s", kept / INDEX_NAME)
     verdict = "passed" if success else "FAILED"
     log.info("validation %s: %d expectations, %d critical and %d warning failures; report %s",
              verdict, len(outcomes), len(critical), len(warnings), report_out / INDEX_NAME)
     return ValidateResult(success, 0 if success else 1, len(table), len(critical), len(warnings),
                           report_out / SUMMARY_NAME, report_out / INDEX_NAME,
-                          report_out / DATA_DOCS_DIR / "index.html")
+                          report_out / DATA_DOCS_DIR / "index.html", kept)

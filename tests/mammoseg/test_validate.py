@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_clean_dataset_passes_and_the_report_reads(clean, tmp_path, caplog):
     assert result.exit_code == 1 and "birads_known" in failed
     assert len(list((report / "data_docs" / "validations").rglob("*.html"))) == 1
     assert "FAILED" in (report / "index.html").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "report", "report.last-passing"]
 
 
 def _corrupt_header(dataset: Dataset, image_id: str) -> None:
@@ -149,6 +150,13 @@ def _corrupt_pixels(dataset: Dataset, image_id: str) -> None:
     path.write_bytes(bytes(data))
 
 
+def _to_8_bit(dataset: Dataset, image_id: str) -> None:
+    """Rewrite one DICOM as an 8-bit export: the top 8 of its 12 bits, BitsAllocated = BitsStored = 8."""
+    pixels = pydicom.dcmread(dataset.dicom(image_id)).pixel_array
+    dataset.rewrite_dicom(image_id, BitsAllocated=8, BitsStored=8, HighBit=7,
+                          PixelData=(pixels >> 4).astype(np.uint8).tobytes())
+
+
 def _duplicate(dataset: Dataset, image_id: str) -> None:
     dataset.save(pd.concat([dataset.manifest, dataset.manifest.iloc[[dataset.row(image_id)]]],
                            ignore_index=True))
@@ -161,9 +169,12 @@ FAULTS = [
     ("corrupt_pixels", "n_mass > 0", _corrupt_pixels, ["dicom_sha256_matches"]),
     ("wrong_modality", "birads == '1'", lambda d, i: d.rewrite_dicom(i, Modality="CT"), ["modality_mg"]),
     ("patient_name", "birads == '1'", lambda d, i: d.rewrite_dicom(i, PatientName="Doe^Jane"),
-     ["no_patient_name"]),
+     ["no_identifying_attributes"]),
     ("birth_date", "birads == '1'", lambda d, i: d.rewrite_dicom(i, PatientBirthDate="19600101"),
-     ["no_patient_birth_date"]),
+     ["no_identifying_attributes"]),
+    ("burned_in_annotation", "birads == '1'", lambda d, i: d.rewrite_dicom(i, BurnedInAnnotation="YES"),
+     ["no_burned_in_annotation"]),
+    ("8_bit", "birads == '1'", _to_8_bit, ["bits_allocated_allowed", "bits_stored_in_range"]),
     ("birads_7", "birads == '1'", lambda d, i: d.set(i, birads="7"), ["birads_known"]),
     ("birads_1_with_lesion", "n_mass > 0", lambda d, i: d.set(i, birads="1"), ["birads1_no_lesion"]),
     ("lesion_without_mask", "n_mass == 0 and birads != '1'", lambda d, i: d.set(i, n_mass=1, mass_px=0),
@@ -171,7 +182,8 @@ FAULTS = [
     ("roi_outside_image", "n_mass > 0", lambda d, i: d.set(i, n_points_out_of_bounds=10_000),
      ["roi_points_mostly_inside"]),
     ("wrong_size", "birads == '1'", lambda d, i: d.rewrite_dicom(i, shape=(300, 200)), ["size_allowed"]),
-    ("pixels_beyond_bits_stored", "birads == '1'", lambda d, i: d.rewrite_dicom(i, BitsStored=8, HighBit=7),
+    # 10 bits is within bits_stored_range; the generated values reach 4095.
+    ("pixels_beyond_bits_stored", "birads == '1'", lambda d, i: d.rewrite_dicom(i, BitsStored=10, HighBit=9),
      ["pixel_max_within_bits_stored"]),
     ("mask_covers_image", "n_calcification > 0", lambda d, i: d.set(i, calc_px=10**6),
      ["mask_fraction_bounded"]),
@@ -197,6 +209,101 @@ def test_each_fault_fails_naming_the_image(clean, tmp_path, caplog, fault, query
         pages = [p for p in (tmp_path / "report").rglob("*") if p.suffix in (".html", ".json")]
         text = "".join(p.read_text() for p in pages)
         assert "Doe" not in text and "19600101" not in text
+
+
+def _error_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def _report_text(report: Path) -> str:
+    return "".join(p.read_text() for p in report.rglob("*") if p.suffix in (".html", ".json"))
+
+
+def test_identifying_attribute_fails_naming_the_keyword_not_the_value(clean, tmp_path, caplog):
+    dataset = Dataset(clean, tmp_path)
+    image_id = dataset.image("birads == '1'")
+    dataset.rewrite_dicom(image_id, InstitutionName="Hospital Elsewhere")
+    result, summary, failed = _validate(dataset, caplog)
+    assert result.exit_code == 1 and "no_identifying_attributes" in failed
+    (image,) = failed["no_identifying_attributes"]["images"]
+    assert image == {"image_id": image_id, "dicom_path": str(dataset.dicom(image_id)), "value": "InstitutionName"}
+    (line,) = [line for line in _error_lines(caplog) if line.startswith("FAILED critical no_identifying_attributes ")]
+    assert f"{image_id} ({dataset.dicom(image_id)}: InstitutionName)" in line
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Elsewhere" not in logged and "Elsewhere" not in _report_text(tmp_path / "report")
+
+
+def test_allow_listed_attributes_pass(clean, tmp_path, caplog):
+    dataset = Dataset(clean, tmp_path)
+    # PatientSex is allow-listed in params.yaml (every mammogram is of a woman); InstitutionName here.
+    dataset.rewrite_dicom(dataset.image("birads == '1'"), PatientSex="F")
+    dataset.rewrite_dicom(dataset.image("n_mass > 0"), InstitutionName="Hospital Elsewhere")
+    result, summary, failed = _validate(dataset, caplog,
+                                        privacy_allowed=[*_params()["validate"]["privacy_allowed"], "InstitutionName"])
+    assert result.exit_code == 0 and "no_identifying_attributes" not in failed, summary["failed"]
+    assert "InstitutionName" in next(e for e in contract(_config(privacy_allowed=["InstitutionName"]))
+                                     if e.name == "no_identifying_attributes").describe()
+
+
+def _empty_pixel_data(dataset: Dataset, image_id: str) -> None:
+    dataset.rewrite_dicom(image_id, PixelData=b"")
+
+
+def _truncate(dataset: Dataset, image_id: str) -> None:
+    path = dataset.dicom(image_id)
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _rows_disagree(dataset: Dataset, image_id: str) -> None:
+    ds = pydicom.dcmread(dataset.dicom(image_id))
+    dataset.rewrite_dicom(image_id, Rows=int(ds.Rows) - 2)
+
+
+READ_ERRORS = [
+    ("empty_pixel_data", _empty_pixel_data, "no pixel data (PixelData is empty)"),
+    ("truncated", _truncate, "truncated file (PixelData has "),
+    ("not_dicom", _corrupt_header, "not a DICOM file (no 'DICM' prefix or file meta header)"),
+    ("rows_disagree", _rows_disagree, "Rows/Columns disagree with the pixel data: "),
+]
+
+
+@pytest.mark.parametrize(("damage", "reason"), [f[1:] for f in READ_ERRORS], ids=[f[0] for f in READ_ERRORS])
+def test_unreadable_file_names_the_path_and_the_reason(clean, tmp_path, caplog, damage, reason):
+    dataset = Dataset(clean, tmp_path)
+    image_id = dataset.image("n_mass > 0")
+    damage(dataset, image_id)
+    result, summary, failed = _validate(dataset, caplog)
+    assert result.exit_code == 1 and "dicom_readable" in failed
+    (image,) = failed["dicom_readable"]["images"]
+    assert image["image_id"] == image_id and image["dicom_path"] == str(dataset.dicom(image_id))
+    assert image["value"].startswith(reason), image
+    (line,) = [line for line in _error_lines(caplog) if line.startswith("FAILED critical dicom_readable ")]
+    assert f"1 image, e.g. {image_id} ({dataset.dicom(image_id)}: {reason}" in line
+    assert "Error" not in image["value"]  # plain words, not a Python exception
+
+
+def test_failing_run_keeps_the_last_passing_report(clean, tmp_path, caplog):
+    dataset = Dataset(clean, tmp_path)
+    report, kept = tmp_path / "report", tmp_path / "report.last-passing"
+    result, _, _ = _validate(dataset, caplog)
+    assert result.success and result.last_passing is None and not kept.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    passing = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+
+    image_id = dataset.image("birads == '1'")
+    dataset.set(image_id, birads="7")
+    for _ in range(2):  # the second failure must not replace the passing report with the first failure
+        result, summary, _ = _validate(dataset, caplog)
+        assert not result.success and not summary["success"] and result.last_passing == kept
+        assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == passing
+        assert f"previous passing report kept at {kept / 'index.html'}" in caplog.messages
+
+    dataset.set(image_id, birads="1")
+    result, _, _ = _validate(dataset, caplog)
+    assert result.success and not kept.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "report"]
 
 
 def test_warnings_are_reported_and_do_not_fail(clean, tmp_path, caplog):
@@ -226,7 +333,9 @@ def test_bad_manifest_is_a_user_error(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"allowed_sizes": ["333x"]}, "allowed size '333x' is not ROWSxCOLUMNS"),
     ({"warnings": ["no_such_rule"]}, "unknown expectation.*no_such_rule"),
-    ({"privacy_tags": ["PatientNme"]}, "'PatientNme' is not a DICOM keyword"),
+    ({"privacy_allowed": ["PatientNme"]}, "privacy_allowed names 'PatientNme', which is not a DICOM keyword"),
+    ({"privacy_allowed": ["Modality"]}, "'Modality', which the privacy rule does not check"),
+    ({"bits_stored_range": [16, 10]}, r"bits_stored_range \[16, 10\] is not \[min, max\]"),
 ])
 def test_bad_config_is_a_user_error(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
