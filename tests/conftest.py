@@ -279,6 +279,18 @@ AUTH_ADMIN = ("admin", "s3cret-Passw0rd")
 
 
 @pytest.fixture(scope="session")
+def exported(trained_model, prepared_data, mlflow_server, tmp_path_factory) -> Path:
+    """trained_model exported to ONNX (fp32 and its int8 variant), parity-checked on prepared_data."""
+    from mammoseg.stages import export
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        export.run(stage_config_for("export", latency_repeats=1), trained_model, prepared_data.dataset, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_auth_server(s3_server, tmp_path_factory) -> Server:
     """A real `mlflow server --app-name basic-auth` (admin user from its config file)."""
     root = tmp_path_factory.mktemp("mlflow-auth")

@@ -26,15 +26,6 @@ MODEL_NAME = "mammoseg-test"
 METRIC = "test_unet_dice_native_mean_image_all"
 
 
-@pytest.fixture(scope="module")
-def exported(trained_model, prepared_data, mlflow_server, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        export.run(stage_config_for("export", latency_repeats=1), trained_model, prepared_data.dataset, out)
-    return out
-
-
 def test_export_passes_checker_parity_and_carries_its_contract(exported, trained_model):
     onnx.checker.check_model(str(exported), full_check=True)
     report = json.loads(export.report_path_for(exported).read_text())
