@@ -97,6 +97,16 @@ def test_train_without_its_validation_report_keeps_the_model(trained_model, prep
     _record(run_steps("train_missing_validation_report", [step], str(report), r"not found", {}))
 
 
+def test_retrain_with_the_tracking_server_unreachable_keeps_the_model(trained_model, prepared_data, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model, model_dir)
+    server = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    step = Step("train", ["train", "--dataset", str(prepared_data.dataset), "--model-out", str(model_dir),
+                          "--metrics-out", str(tmp_path / "train.json"), "--epochs", "1", "--lr", "0.001"],
+                [model_dir], env={"MLFLOW_TRACKING_URI": server})
+    _record(run_steps("train_tracking_unreachable", [step], "127.0.0.1", r"unreachable", {}))
+
+
 def test_train_batch_of_one(trained_model, prepared_data, tracking_env, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(trained_model, model_dir)
