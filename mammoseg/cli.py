@@ -129,7 +129,7 @@ STAGES: dict[str, StageSpec] = {
         "segment DICOM mammograms with a registered (or local) ONNX model",
         (
             PathArg("--model", "models:/NAME@ALIAS, models:/NAME/VERSION, or a local .onnx", path=False),
-            PathArg("--input", "DICOM files to segment", nargs="+"),
+            PathArg("--input", "DICOM files, or folders searched recursively for them", nargs="+"),
             PathArg("--out", "folder for masks (PNG), overlays and DICOM SEG objects"),
         ),
     ),

@@ -176,6 +176,7 @@ class PredictConfig:
 
     threads: int
     overlay_max_side: int
+    allow_for_processing: bool
 
 
 STAGE_CONFIGS: dict[str, type] = {

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,18 @@ def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray,
     return ("R" if chest_wall_on_right(pixels, params) else "L"), "image"
 
 
-def _check_mammogram(path: Path) -> pydicom.Dataset:
+# SOP Class of raw detector images (Digital Mammography X-Ray Image Storage - For Processing).
+_FOR_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2.1"
+# Type 2 attributes highdicom copies from the source image into the SEG: they must exist (they may be
+# empty). Anonymised exports, and INbreast itself, often drop them altogether.
+_SEG_TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                       "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+# Type 1 attributes a SEG cannot be written without: it references the source image by them.
+_SEG_TYPE1_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def _check_mammogram(path: Path, allow_for_processing: bool) -> pydicom.Dataset:
+    """Read a header and refuse what the model must not see: not DICOM, not MG, raw detector data."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # pydicom raises several types for a file that is not DICOM
@@ -94,7 +106,48 @@ def _check_mammogram(path: Path) -> pydicom.Dataset:
     modality = str(getattr(header, "Modality", ""))
     if modality != "MG":
         raise UserError(f"{path}: Modality is {modality or 'missing'}, not MG (mammography)")
+    intent = str(header.get("PresentationIntentType", "")).upper()
+    for_processing = intent == "FOR PROCESSING" or str(header.get("SOPClassUID", "")) == _FOR_PROCESSING_SOP_CLASS
+    if for_processing and not allow_for_processing:
+        raise UserError(f"{path}: a FOR PROCESSING (raw detector) image; the model was trained on FOR "
+                        "PRESENTATION mammograms (pass --allow-for-processing to segment it anyway)")
+    missing = [keyword for keyword in _SEG_TYPE1_KEYWORDS if not str(header.get(keyword, "") or "").strip()]
+    if missing:
+        raise UserError(f"{path}: {', '.join(missing)} missing or empty; a DICOM SEG cannot reference "
+                        "this image without it")
     return header
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Return the DICOM files to segment: files as given, folders searched recursively.
+
+    In a folder, files that do not start like DICOM (a 128-byte preamble and "DICM") are skipped
+    with one log line: PACS exports carry DICOMDIR indexes, readmes and viewer files beside the
+    images. A file named on the command line is taken as meant and checked like any other.
+
+    Raises:
+        UserError: an input does not exist, or a folder holds no DICOM file.
+    """
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.is_file()]
+            dicoms = [p for p in found if _looks_like_dicom(p) and p.name != "DICOMDIR"]
+            if not dicoms:
+                raise UserError(f"{path}: no DICOM file in this folder ({len(found)} other files)")
+            if len(dicoms) < len(found):
+                log.info("%s: %d DICOM files, %d other files skipped", path, len(dicoms), len(found) - len(dicoms))
+            files += dicoms
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
 
 
 def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> PredictResult:  # noqa: A002
@@ -103,16 +156,22 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
     Args:
         config: threads and overlay size.
         model: models:/NAME@ALIAS, models:/NAME/VERSION or a local .onnx file.
-        input: DICOM files.
+        input: DICOM files and folders of them (searched recursively).
         out: output folder.
 
     Returns:
         The number of images, the execution provider used and the output folder.
     """
-    for path in input:
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        _check_mammogram(path)
+    files = expand_inputs(input)
+    # Every input is checked before the model is pulled: a bad file in a batch of hundreds stops
+    # the call at once, naming it, instead of after an hour of output.
+    for path in files:
+        _check_mammogram(path, config.allow_for_processing)
+    stems = [path.stem for path in files]
+    if len(set(stems)) < len(stems):
+        twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+        raise UserError(f"{out}: several inputs share the file name {twice[0]!r} and would overwrite each "
+                        "other's outputs; segment them in separate calls")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
         onnx_path = resolve_model(model, Path(download_dir))
@@ -122,9 +181,13 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
                  " (fell back from CUDA)" if session.fell_back else "")
         params = PreprocessParams.from_dict(spec["preprocessing"])
         threshold = np.asarray(spec["threshold"], np.float32)  # one per class
-        for path in tqdm(input, desc="predict", unit="image", disable=None):
+        started = time.perf_counter()
+        for path in tqdm(files, desc="predict", unit="image", disable=None):
             _predict_one(path, session, params, threshold, config, out, spec)
-    return PredictResult(len(input), session.provider, out)
+        seconds = time.perf_counter() - started
+    log.info("segmented %d image%s in %.1f s (%.2f images/s) -> %s", len(files), "" if len(files) == 1 else "s",
+             seconds, len(files) / max(seconds, 1e-9), out)
+    return PredictResult(len(files), session.provider, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +220,7 @@ def network_input(path: Path, params: PreprocessParams) -> NetworkInput:
 
 def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.ndarray, config: PredictConfig,
                  out: Path, spec: dict[str, Any]) -> None:
-    header = _check_mammogram(path)
+    header = _check_mammogram(path, config.allow_for_processing)
     prepared_input = network_input(path, params)
     pixels, side, source = prepared_input.pixels, prepared_input.laterality, prepared_input.laterality_source
     prepared = prepared_input.prepared
@@ -181,12 +244,25 @@ def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.nd
              summary["mass_px"], summary["calcification_px"])
 
 
+def seg_source(path: Path) -> pydicom.Dataset:
+    """Read the source image for the SEG, adding absent Type 2 patient and study attributes empty.
+
+    highdicom copies them and fails when one is absent; DICOM allows them empty (Type 2), which is
+    what a de-identified export means by "unknown". Values that are present are kept as they are.
+    """
+    source = pydicom.dcmread(path)
+    for keyword in _SEG_TYPE2_KEYWORDS:
+        if keyword not in source:
+            setattr(source, keyword, "")
+    return source
+
+
 def _write_seg(header: pydicom.Dataset, path: Path, masks: np.ndarray, out_path: Path, spec: dict[str, Any]) -> None:
     """Write a binary DICOM SEG (one segment per lesion class) referencing the source image."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source = pydicom.dcmread(path)
+    source = seg_source(path)
     algorithm = hd.AlgorithmIdentificationSequence(name="mammoseg LightUNet", version=__version__,
                                                   family=codes.cid7162.ArtificialIntelligence)
     segments = [
@@ -213,4 +289,8 @@ def _write_seg(header: pydicom.Dataset, path: Path, masks: np.ndarray, out_path:
         software_versions=__version__,
         device_serial_number=str(spec.get("training_run_id") or "unknown"),
     )
+    if "PatientOrientation" not in seg:
+        # General Image, Type 2C: needed where no plane orientation is given, as for a projection
+        # radiograph; copied from the mammogram (empty where it has none, which Type 2 allows).
+        seg.PatientOrientation = source.get("PatientOrientation", "")
     write_atomically(out_path, lambda tmp: seg.save_as(tmp))
