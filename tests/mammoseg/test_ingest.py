@@ -74,7 +74,7 @@ def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, confi
     (folder.root / "AllXML" / "30000003.xml").write_text("<plist><dict>")
     folder.add("30000004", PATIENT_B, "L", "CC", file_view="ML")               # name disagrees
     bad = folder.add("30000005", PATIENT_B, "L", "CC")
-    bad.write_bytes(b"not a dicom")                                            # unreadable DICOM
+    bad.write_bytes(b"not a dicom")                                            # not DICOM at all
     (folder.root / "AllDICOMs" / "readme_MG.dcm").write_bytes(b"")             # bad file name
     folder.add("30000006", PATIENT_B, "R", "MLO", rois=[("Calcification", 19, [(7.0, 8.0)])])
     xml = folder.root / "AllXML" / "30000006.xml"                              # malformed point
@@ -89,7 +89,7 @@ def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, confi
     assert "has no DICOM file" in reasons["30000002"]
     assert "30000003.xml: not a readable plist" in reasons["30000003"]
     assert "file name says L MLO, the table says L CC" in reasons["30000004"]
-    assert "unreadable DICOM" in reasons["30000005"]
+    assert "not a DICOM file" in reasons["30000005"]
     assert "file name is not" in reasons[""]
     assert reasons["30000006"] == (f"{folder.root / 'AllXML' / '30000006.xml'}: ROI 0 ('Calcification'): "
                                    "Point_px[0] '(1.5.6, 200)' is not a point '(x, y)'")
