@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -99,10 +100,31 @@ def test_repro_runs_the_pipeline_then_caches_then_reruns_only_what_changed(pipel
     plots = _run(["dvc", "plots", "show", "--json"], pipeline_clone, env)
     assert "val_dice_mean" in plots.stdout
 
-    exp = _run(["dvc", "exp", "run", "-S", "train.lr=0.001"], pipeline_clone, env)
+    # Two commits with different params: only the stages downstream of train re-run, and a reviewer
+    # sees the change with `dvc params diff`, `dvc metrics diff` and `dvc plots diff`.
+    _commit(pipeline_clone, "first run")
+    params_path = pipeline_clone / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    # A one- or two-epoch model predicts nothing, so its Dice cannot move; epochs_run does.
+    params["train"]["epochs"] = 2
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run(["dvc", "repro"], pipeline_clone, env)
     ran = {stage for stage in ("ingest", "validate", "preprocess", "train", "evaluate", "export", "register")
-           if f"Running stage '{stage}'" in exp.stdout}
-    assert ran == {"train", "evaluate", "export", "register"}, exp.stdout
+           if f"Running stage '{stage}'" in changed.stdout}
+    assert ran == {"train", "evaluate", "export", "register"}, changed.stdout
+    _commit(pipeline_clone, "two epochs")
+    params_diff = json.loads(_run(["dvc", "params", "diff", "HEAD~1", "HEAD", "--json"], pipeline_clone, env).stdout)
+    assert params_diff["params.yaml"]["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
+    metrics_diff = json.loads(_run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], pipeline_clone,
+                                   env).stdout)
+    assert metrics_diff["metrics/train.json"]["epochs_run"]["diff"] == 1, metrics_diff
+    plots_diff = _run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "--json"], pipeline_clone, env)
+    assert "HEAD~1" in plots_diff.stdout and "val_dice_mean" in plots_diff.stdout
+
+
+def _commit(clone: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=clone, check=True)
 
 
 @pytest.mark.slow
