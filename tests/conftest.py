@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import signal
 import socket
@@ -118,6 +119,20 @@ class InbreastFolder:
         path = self.root / "INbreast.csv"
         path.write_bytes(csv_bytes(self.rows))
         return path
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under a folder, keyed by its path relative to the folder.
+
+    A file gives {"": its sha256}; a path that does not exist gives {"": "absent"}, so a vanished
+    output never compares equal to a present one. Used wherever a test asserts output unchanged.
+    """
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not path.is_dir():
+        return {"": "absent"}
+    return {file.relative_to(path).as_posix(): hashlib.sha256(file.read_bytes()).hexdigest()
+            for file in sorted(path.rglob("*")) if file.is_file()}
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ A case that every stage accepts is a silent success, unless the case expects suc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import plistlib
 import re
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+
+from tests.conftest import tree_digest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = REPO_ROOT / "params.yaml"
@@ -330,18 +331,9 @@ CASES: list[Case] = [
 
 # --- running a case ------------------------------------------------------------------------------------
 
-def digest(paths: list[Path]) -> dict[str, str]:
-    """sha256 of every file under the given files or folders (absent ones recorded as absent)."""
-    hashes: dict[str, str] = {}
-    for index, path in enumerate(paths):
-        if path.is_file():
-            hashes[f"{index}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                hashes[f"{index}/{file.relative_to(path)}"] = hashlib.sha256(file.read_bytes()).hexdigest()
-        else:
-            hashes[f"{index}"] = "absent"
-    return hashes
+def digest(paths: list[Path]) -> list[dict[str, str]]:
+    """The tree digest of each output, in order (a preserved copy elsewhere compares position-wise)."""
+    return [tree_digest(path) for path in paths]
 
 
 def run_cli(argv: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import boto3
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, S3_CREDENTIALS
+from tests.conftest import REPO_ROOT, S3_CREDENTIALS, tree_digest
 
 # A pipeline small enough for a test: 6 patients at a tenth of the real size, 128 px, one epoch.
 TINY_PARAMS = {
@@ -57,14 +56,8 @@ def _tiny(clone: Path) -> None:
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _checksums(root: Path, *paths: str) -> dict[str, str]:
-    sums = {}
-    for relative in paths:
-        target = root / relative
-        files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-        for file in files:
-            sums[str(file.relative_to(root))] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return sums
+def _checksums(root: Path, *paths: str) -> dict[str, dict[str, str]]:
+    return {relative: tree_digest(root / relative) for relative in paths}
 
 
 @pytest.fixture(scope="module")

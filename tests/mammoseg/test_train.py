@@ -18,7 +18,7 @@ import torch
 
 from mammoseg.errors import UserError
 from mammoseg.stages import train
-from tests.conftest import REPO_ROOT, TINY_TRAIN, stage_config_for
+from tests.conftest import REPO_ROOT, TINY_TRAIN, stage_config_for, tree_digest
 
 
 def _client():
@@ -120,17 +120,13 @@ def test_a_crash_marks_the_run_failed(prepared_data, tracking_env, tmp_path):
     assert not (tmp_path / "model" / "mlflow_run.json").exists()
 
 
-def _folder_digest(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.slow
 def test_a_failed_retrain_keeps_the_good_model(prepared_data, tracking_env, tmp_path):
     """A re-run with another config that crashes mid-epoch, or stops on a bad input, loses nothing."""
     model_dir, metrics = tmp_path / "model", tmp_path / "train.json"
     good = train.run(stage_config_for("train", **{**TINY_TRAIN, "epochs": 1}), prepared_data.dataset,
                      model_dir, metrics)
-    before = _folder_digest(model_dir)
+    before = tree_digest(model_dir)
     assert {"model.pt", "checkpoint.pt", "mlflow_run.json", "history.csv"} <= set(before)
     assert not (model_dir / train.STAGING_DIR).exists()
 
@@ -143,7 +139,7 @@ def test_a_failed_retrain_keeps_the_good_model(prepared_data, tracking_env, tmp_
         train.run(other, broken, model_dir, metrics)
     with pytest.raises(UserError, match="validation report folder not found"):
         train.run(other, prepared_data.dataset, model_dir, metrics, tmp_path / "no-such-report")
-    after = {name: data for name, data in _folder_digest(model_dir).items()
+    after = {name: data for name, data in tree_digest(model_dir).items()
              if not name.startswith(train.STAGING_DIR)}
     assert after == before
     assert json.loads((model_dir / "mlflow_run.json").read_text())["run_id"] == good.run_id

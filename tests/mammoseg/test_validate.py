@@ -26,6 +26,7 @@ from mammoseg.fileio import sha256_of
 from mammoseg.stages import ingest
 from mammoseg.stages.validate import SUITE_NAME, contract, run
 from mammoseg.synth import IMAGE_SIZES, scaled_size, synthesize
+from tests.conftest import tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
 SCALE = 0.1
@@ -290,14 +291,14 @@ def test_failing_run_keeps_the_last_passing_report(clean, tmp_path, caplog):
     umask = os.umask(0)
     os.umask(umask)
     assert report.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
-    passing = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    passing = tree_digest(report)
 
     image_id = dataset.image("birads == '1'")
     dataset.set(image_id, birads="7")
     for _ in range(2):  # the second failure must not replace the passing report with the first failure
         result, summary, _ = _validate(dataset, caplog)
         assert not result.success and not summary["success"] and result.last_passing == kept
-        assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == passing
+        assert tree_digest(kept) == passing
         assert f"previous passing report kept at {kept / 'index.html'}" in caplog.messages
 
     dataset.set(image_id, birads="1")
