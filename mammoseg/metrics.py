@@ -538,14 +538,17 @@ class ThresholdChoice:
     Attributes:
         threshold: the chosen threshold (shared by both classes).
         grid: (K,) the candidate thresholds.
-        dice: (K, 2) pooled Dice of each class at each threshold (NaN where undefined).
-        mean_dice: (K,) mean of the two classes' pooled Dice (over classes present in the ground truth).
+        dice: (K, 2) Dice of each class at each threshold, of the kind `statistic` names (NaN where
+            undefined).
+        mean_dice: (K,) mean of the two classes' Dice (over classes present in the ground truth).
+        statistic: "mean_image" (mean of per-image Dice) or "pooled".
     """
 
     threshold: float
     grid: np.ndarray
     dice: np.ndarray
     mean_dice: np.ndarray
+    statistic: str = "mean_image"
 
     @property
     def best_dice(self) -> float:
@@ -567,7 +570,7 @@ class ThresholdChoice:
 
     @property
     def per_class_dice(self) -> tuple[float, ...]:
-        """Each class's pooled validation Dice at its own threshold (NaN for an absent class)."""
+        """Each class's validation Dice at its own threshold (NaN for an absent class)."""
         return tuple(float(np.nanmax(c)) if not np.isnan(c).all() else math.nan for c in self.dice.T)
 
     def to_dict(self) -> dict[str, Any]:
@@ -579,51 +582,71 @@ class ThresholdChoice:
         curve = {"threshold": [float(t) for t in self.grid], "mean_dice": clean(self.mean_dice)}
         for index, name in enumerate(CLASS_NAMES):
             curve[f"dice_{name}"] = clean(self.dice[:, index])
-        return {"threshold": self.threshold, "curve": curve}
+        return {"threshold": self.threshold, "statistic": self.statistic, "curve": curve}
 
 
 def choose_threshold(
-    probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], grid: Sequence[float]
+    probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], grid: Sequence[float],
+    statistic: Literal["mean_image", "pooled"] = "mean_image",
 ) -> ThresholdChoice:
-    """Choose the probability threshold, shared by both classes, that maximises the mean pooled Dice.
+    """Choose the probability threshold that maximises the validation Dice, per class and shared.
 
-    The curve comes from per-threshold pixel counts accumulated image by image (no loop over
-    thresholds). A class absent from every validation ground truth has no defined Dice to maximise
-    and is left out of the mean (a warning is logged); its curve is still returned.
+    `statistic` is the Dice that is maximised: "mean_image" (the mean over images of each image's
+    Dice, images empty in both truth and prediction left out: the headline evaluate reports and the
+    gate judges) or "pooled" (pixels summed over the images). They pull in different directions: a
+    pooled Dice hardly notices a few false pixels on an image without lesions, the per-image mean
+    counts that image as 0, so selecting on the statistic that is reported keeps selection and
+    report consistent. The curves come from per-threshold pixel counts accumulated image by image (no
+    loop over thresholds). A class absent from every validation ground truth has no defined Dice to
+    maximise and is left out of the mean (a warning is logged); its curve is still returned.
 
     Args:
         probabilities: per image, (2, H, W) float probabilities in [0, 1].
         masks: per image, (2, H, W) bool ground truth, same order.
         grid: candidate thresholds, strictly increasing.
+        statistic: "mean_image" or "pooled".
 
     Returns:
         The chosen threshold and the per-threshold curves; ties go to the lowest threshold.
 
     Raises:
-        ValueError: no images, mismatched shapes, or no class present in any ground truth.
+        ValueError: no images, mismatched shapes, an unknown statistic, or no class present in any
+            ground truth.
     """
+    if statistic not in ("mean_image", "pooled"):
+        raise ValueError(f"statistic must be 'mean_image' or 'pooled', got {statistic!r}")
     grid_array = _grid_array(grid)
     if len(probabilities) != len(masks) or not probabilities:
         raise ValueError(
             f"need as many probability maps as masks (> 0), got {len(probabilities)}, {len(masks)}"
         )
     n_classes = len(CLASS_NAMES)
-    pred_sum = np.zeros((len(grid_array), n_classes), dtype=np.int64)
-    inter = np.zeros_like(pred_sum)
-    gt_sum = np.zeros(n_classes, dtype=np.int64)
+    # Per image: (K, C) predicted counts and intersections, (C,) ground-truth sizes.
+    pred_sums, inters, gt_sums = [], [], []
     for probs, mask in zip(probabilities, masks, strict=True):
         probs, mask = np.asarray(probs), np.asarray(mask, dtype=bool)
         if probs.ndim != 3 or probs.shape[0] != n_classes or probs.shape != mask.shape:
             raise ValueError(
                 f"expected (2, H, W) probabilities and masks, got {probs.shape} and {mask.shape}"
             )
+        image_pred, image_inter, image_gt = [], [], []
         for channel in range(n_classes):
             p, i, g = _counts_at_thresholds(probs[channel], mask[channel : channel + 1], grid_array)
-            pred_sum[:, channel] += p
-            inter[:, channel] += i[:, 0]
-            gt_sum[channel] += g[0]
-    dice = _dice_vector(inter, pred_sum + gt_sum[None, :])
-    present = gt_sum > 0
+            image_pred.append(p)
+            image_inter.append(i[:, 0])
+            image_gt.append(g[0])
+        pred_sums.append(np.stack(image_pred, axis=1))
+        inters.append(np.stack(image_inter, axis=1))
+        gt_sums.append(np.array(image_gt, dtype=np.int64))
+    pred_sum, inter, gt_sum = np.stack(pred_sums), np.stack(inters), np.stack(gt_sums)  # (N, K, C), (N, C)
+    if statistic == "pooled":
+        dice = _dice_vector(inter.sum(0), pred_sum.sum(0) + gt_sum.sum(0)[None, :])
+    else:
+        per_image = _dice_vector(inter, pred_sum + gt_sum[:, None, :])  # (N, K, C), NaN = empty in both
+        defined = (~np.isnan(per_image)).sum(0)
+        dice = np.full(defined.shape, np.nan)
+        np.divide(np.nansum(per_image, axis=0), defined, out=dice, where=defined > 0)
+    present = gt_sum.sum(0) > 0
     if not present.any():
         raise ValueError("no validation image has a lesion of any class: cannot choose a threshold")
     for channel in np.flatnonzero(~present):
@@ -631,7 +654,7 @@ def choose_threshold(
                     CLASS_NAMES[channel])
     mean_dice = dice[:, present].mean(axis=1)
     best = _best_index(mean_dice)
-    return ThresholdChoice(float(grid_array[best]), grid_array, dice, mean_dice)
+    return ThresholdChoice(float(grid_array[best]), grid_array, dice, mean_dice, statistic)
 
 
 # ----------------------------------------------------------------------------------------- baseline

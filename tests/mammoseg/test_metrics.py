@@ -263,11 +263,39 @@ def test_choose_threshold_curve_matches_direct_thresholding():
     probabilities = [np.clip(p + np.float32(0.4) * (rng.random(p.shape, np.float32) - 0.5), 0, 1)
                      for p in probabilities]
     grid = [0.3, 0.45, 0.6, 0.75]
-    choice = choose_threshold(probabilities, masks, grid)
+    pooled = choose_threshold(probabilities, masks, grid, statistic="pooled")
+    mean_image = choose_threshold(probabilities, masks, grid)
     for k, t in enumerate(grid):
         for c in range(2):
             counts = [dice_counts(p[c] >= t, m[c]) for p, m in zip(probabilities, masks, strict=True)]
-            assert choice.dice[k, c] == pytest.approx(pooled_dice(counts))
+            assert pooled.dice[k, c] == pytest.approx(pooled_dice(counts))
+            assert mean_image.dice[k, c] == pytest.approx(mean_image_dice(counts))
+
+
+def test_choose_threshold_maximises_the_statistic_it_is_told():
+    """A false speck on a lesion-free image: the pooled Dice ignores it, the per-image mean does not."""
+    shape = (2, 20, 20)
+    with_lesion, speck_only, half_sure = (np.full(shape, 0.1, np.float32) for _ in range(3))
+    truth = np.zeros(shape, bool)
+    truth[:, :10, :10] = True                  # 100 lesion pixels in both channels
+    with_lesion[truth] = 0.9                   # found with certainty
+    speck_only[:, 15, 15:17] = 0.6             # 2 false pixels on an image without lesions
+    half_sure[:, :5, :10] = 0.9                # half the lesion certain, half at 0.6
+    half_sure[:, 5:10, :10] = 0.6
+    probabilities = [with_lesion, speck_only, half_sure]
+    masks = [truth, np.zeros(shape, bool), truth]
+    grid = [0.5, 0.8]
+    # t = 0.5: per image 1, 0, 1 (mean 0.667); pooled 2 * 200 / 402 = 0.995.
+    # t = 0.8: per image 1, empty in both (left out), 2 * 50 / 150 (mean 0.833); pooled 2 * 150 / 350.
+    mean_image = choose_threshold(probabilities, masks, grid)
+    pooled = choose_threshold(probabilities, masks, grid, statistic="pooled")
+    assert mean_image.statistic == "mean_image" and mean_image.threshold == 0.8
+    assert mean_image.per_class == (0.8, 0.8)
+    np.testing.assert_allclose(mean_image.dice[:, 0], [2 / 3, (1 + 2 / 3) / 2])
+    assert pooled.threshold == 0.5
+    np.testing.assert_allclose(pooled.dice[:, 0], [400 / 402, 300 / 350])
+    with pytest.raises(ValueError, match="statistic"):
+        choose_threshold(probabilities, masks, grid, statistic="median")
 
 
 def test_choose_threshold_without_a_class_uses_the_other(caplog):
