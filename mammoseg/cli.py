@@ -73,6 +73,7 @@ STAGES: dict[str, StageSpec] = {
         "mammoseg.stages.validate",
         "check the manifest and its DICOMs against the Great Expectations data contract",
         (
+            PathArg("--inbreast", "the INbreast folder ingest read (the manifest's DICOM paths are relative to it)"),
             PathArg("--manifest", "manifest written by ingest (Parquet)"),
             PathArg("--report-out", "folder for the Data Docs HTML and summary.json"),
         ),
@@ -81,6 +82,7 @@ STAGES: dict[str, StageSpec] = {
         "mammoseg.stages.preprocess",
         "decode, orient, crop and resize every image and its masks; assign patient-level splits",
         (
+            PathArg("--inbreast", "the INbreast folder ingest read (the manifest's DICOM paths are relative to it)"),
             PathArg("--manifest", "manifest written by ingest (Parquet)"),
             PathArg("--masks", "full-resolution masks written by ingest"),
             PathArg("--dataset-out", "folder for the training dataset and its index.parquet"),

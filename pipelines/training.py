@@ -79,12 +79,15 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
 
         ingested = configure(ingest(params=ingest_params, inbreast=raw.outputs["inbreast"],
                                     image_digest=image_digest), "ingest")
-        validated = configure(validate(params=validate_params, manifest=ingested.outputs["manifest"],
-                                       image_digest=image_digest), "validate")
-        # preprocess reads only ingest's outputs, but runs on validated data only: a failed validate
+        # validate and preprocess read the DICOMs from the raw data itself: the manifest names them
+        # relative to that folder, and on a cluster a pod receives only the artifacts it declares.
+        validated = configure(validate(params=validate_params, inbreast=raw.outputs["inbreast"],
+                                       manifest=ingested.outputs["manifest"], image_digest=image_digest), "validate")
+        # preprocess reads no output of validate, but runs on validated data only: a failed validate
         # (exit 1) fails the run here.
-        prepared = configure(preprocess(params=preprocess_params, manifest=ingested.outputs["manifest"],
-                                        masks=ingested.outputs["masks"], image_digest=image_digest), "preprocess")
+        prepared = configure(preprocess(params=preprocess_params, inbreast=raw.outputs["inbreast"],
+                                        manifest=ingested.outputs["manifest"], masks=ingested.outputs["masks"],
+                                        image_digest=image_digest), "preprocess")
         prepared.after(validated)
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],

@@ -20,7 +20,8 @@ def test_every_stage_help_renders(stage, capsys):
 def test_params_file_is_read_in_both_spellings(spelling, tmp_path, capsys):
     missing = tmp_path / "nowhere.yaml"
     args = ["--params", str(missing)] if spelling == "separate" else [f"--params={missing}"]
-    code = main([*args, "preprocess", "--manifest", "m.parquet", "--masks", "m", "--dataset-out", str(tmp_path / "d")])
+    code = main([*args, "preprocess", "--inbreast", "i", "--manifest", "m.parquet", "--masks", "m", "--dataset-out",
+                 str(tmp_path / "d")])
     assert code == 2
     assert f"{missing}: params file not found" in capsys.readouterr().err
     custom = tmp_path / "params.yaml"
