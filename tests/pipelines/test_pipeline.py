@@ -6,13 +6,14 @@ Reads the IR YAML that `mammoseg pipeline compile` writes (what a KFP cluster re
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from mammoseg.cli import PIPELINE_STAGES, main
+from mammoseg.cli import PIPELINE_STAGES, STAGES, main
 from tests.conftest import REPO_ROOT
 
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -45,6 +46,56 @@ def test_every_stage_runs_in_order_after_the_data(ir):
                        "register": {"export", "evaluate", "preprocess"}}  # the gate re-scores on the dataset
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"mammoseg:cpu"}
+
+
+# A KFP placeholder: an input or output artifact's path, an input parameter, or a runtime value.
+PLACEHOLDER = re.compile(r"\{\{\$\.(?:(inputs|outputs)\.(artifacts|parameters)\['(\w+)'\](?:\.path)?"
+                         r"|pipeline_job_uuid)\}\}")
+# A path of the machine that compiled the pipeline, or of a host: absolute, home-relative, or this checkout's.
+HOST_PATH = re.compile(r"(?:^|[\s='\"(])(?:/[\w.~-]|~/|(?:\.\.?/)?(?:data|artifacts|metrics)/)")
+
+
+def test_every_command_reads_only_what_its_task_declares(ir):
+    """On a cluster a pod sees its declared input artifacts, at paths KFP chooses, and nothing else.
+
+    So every path in a task's command line is a placeholder of an artifact or parameter its component
+    declares (a file inside an artifact folder is `<placeholder>/name`); a path-valued parameter lies on
+    a volume the task mounts; and every input flag of a stage reads an input artifact.
+    """
+    spec, platform = ir
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    for name, task in _tasks(spec).items():
+        component = spec["components"][task["componentRef"]["name"]]
+        container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+        declared = {(kind, what): set(component.get(f"{'input' if kind == 'inputs' else 'output'}Definitions", {})
+                                      .get(what, {}))
+                    for kind in ("inputs", "outputs") for what in ("artifacts", "parameters")}
+        for arg in [*container["command"], *container["args"]]:
+            for match in PLACEHOLDER.finditer(arg):
+                if match.group(1):
+                    assert match.group(3) in declared[match.group(1), match.group(2)], (name, arg)
+            literal = PLACEHOLDER.sub("<placeholder>", arg)
+            assert not HOST_PATH.search(literal), (name, arg)
+        mounts = {m["mountPath"] for m in platform.get(component["executorLabel"], {}).get("pvcMount", [])}
+        for parameter, source in task["inputs"].get("parameters", {}).items():
+            value = defaults.get(source.get("componentInputParameter"), {}).get("defaultValue")
+            if isinstance(value, str) and value.startswith("/"):
+                assert any(value == m or value.startswith(m + "/") for m in mounts), (name, parameter, value)
+        if name in PIPELINE_STAGES:
+            args = container["args"]
+            for path in STAGES[name].paths:
+                if path.flag in args and not path.flag.endswith("-out"):
+                    value = args[args.index(path.flag) + 1]
+                    match = PLACEHOLDER.match(value)
+                    assert match and match.group(1, 2) == ("inputs", "artifacts"), (name, path.flag, value)
+
+
+def test_the_input_check_sees_a_hard_coded_path():
+    """HOST_PATH and PLACEHOLDER catch what the check above must refuse (a mutation check)."""
+    assert HOST_PATH.search("/data/inbreast") and HOST_PATH.search("--inbreast=data/inbreast")
+    assert HOST_PATH.search('"$(cat /etc/x)"') and HOST_PATH.search("~/inbreast")
+    assert not HOST_PATH.search(PLACEHOLDER.sub("<placeholder>", "{{$.inputs.artifacts['manifest'].path}}/m.parquet"))
+    assert not HOST_PATH.search('work="$(dirname "$3")/.dvc-fetch"')  # beside the output artifact
 
 
 def test_train_requests_a_gpu_resources_and_retries(ir):
