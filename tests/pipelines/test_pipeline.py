@@ -120,16 +120,28 @@ def test_train_requests_a_gpu_resources_and_retries(ir):
     assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
 
 
-def test_secrets_are_environment_never_parameters(ir):
+def test_secrets_are_environment_never_parameters_and_only_the_tracking_uri_is_required(ir):
     spec, platform = ir
-    mlflow_keys = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    # KFP's driver puts each mapping's `optional` on every key's secretKeyRef (backend/src/v2/driver/k8s.go,
+    # KFP 2.15+); Kubernetes then leaves out a key, or a whole secret, that is absent instead of failing the
+    # pod: MLflow without credentials and S3 through the node's role need no keys.
     for stage in ("train", "evaluate", "export", "register"):
-        (secret,) = platform[f"exec-{stage}"]["secretAsEnv"]
-        assert secret["secretName"] == SETTINGS["mlflow_secret"]
-        assert [(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]] == [(k, k) for k in mlflow_keys]
+        secrets = platform[f"exec-{stage}"]["secretAsEnv"]
+        assert {secret["secretName"] for secret in secrets} == {SETTINGS["mlflow_secret"]}
+        assert {(key["secretKey"], key["envVar"], secret["optional"]) for secret in secrets
+                for key in secret["keyToEnv"]} == {("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", False),
+                                                   ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME", True),
+                                                   ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD", True)}
     (secret,) = platform["exec-data"]["secretAsEnv"]
-    assert secret["secretName"] == SETTINGS["s3_secret"]
-    assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert secret["secretName"] == SETTINGS["s3_secret"] and secret["optional"] is True
+    assert [(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]] == [(k, k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")]
+    # The driver reads this config with the same message type: every field is one it knows.
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+
+    for executor in platform.values():
+        json_format.ParseDict(executor, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     text = json.dumps(parameters).upper()
     assert not any(word in text for word in ("PASSWORD", "SECRET", "ACCESS_KEY", "TRACKING_URI"))
