@@ -1,6 +1,6 @@
 """The compiled pipeline: stages, dependencies, the GPU request, retries, secrets, caching parameters.
 
-Reads the IR YAML that `mammoseg pipeline compile` writes (what a KFP cluster receives).
+Reads the IR YAML that `mammoseg-pipeline compile` writes (what a KFP cluster receives).
 """
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
 
-from mammoseg.cli import PIPELINE_STAGES, STAGES, main
+from mammoseg.cli import PIPELINE_STAGES, STAGES
+from pipelines.cli import main
 from tests.conftest import REPO_ROOT
 
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -24,7 +27,7 @@ SETTINGS = PARAMS["pipeline"]
 def ir(tmp_path_factory) -> tuple[dict, dict]:
     """(pipeline spec, kubernetes platform spec) compiled through the CLI with one override."""
     out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
-    assert main(["pipeline", "compile", "--output", str(out), "--set", "train.epochs=3",
+    assert main(["compile", "--output", str(out), "--set", "train.epochs=3",
                  "--image-digest", "sha256:" + "ab" * 32]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -174,21 +177,44 @@ def test_each_stage_gets_its_own_params_block(ir):
         assert block == {stage: expected}
 
 
-def test_compiling_imports_no_torch(tmp_path):
-    code = ("import sys; from pathlib import Path; from mammoseg.cli import main; "
-            f"assert main(['pipeline', 'compile', '--output', {str(tmp_path / 'p.yaml')!r}]) == 0; "
-            "assert 'torch' not in sys.modules, 'torch imported'; "
+def test_compiling_imports_neither_torch_nor_mammoseg(tmp_path):
+    code = ("import sys; from pathlib import Path; from pipelines.cli import main; "
+            f"assert main(['compile', '--output', {str(tmp_path / 'p.yaml')!r}]) == 0; "
             "from pipelines.settings import load_compile_inputs; from pipelines.training import compile_pipeline; "
             f"compile_pipeline(Path({str(tmp_path / 'q.yaml')!r}), load_compile_inputs()); "
-            "assert 'torch' not in sys.modules and 'mammoseg.stages' not in sys.modules")
+            "imported = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mammoseg')]; "
+            "assert not imported, imported")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / "q.yaml").read_text()
 
 
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_the_pipeline_has_its_own_command_and_kfp_is_its_extra(tmp_path):
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    # The images install `dependencies` only (scripts/build_image.sh): no kfp in a stage's image.
+    assert not _requirement_names(project["dependencies"]) & {"kfp", "kfp-kubernetes"}
+    assert {"kfp", "kfp-kubernetes"} <= _requirement_names(project["optional-dependencies"]["pipeline"])
+    assert project["scripts"] == {"mammoseg": "mammoseg.cli:main", "mammoseg-pipeline": "pipelines.__main__:main"}
+    script = Path(sys.executable).parent / "mammoseg-pipeline"
+    proc = subprocess.run([str(script), "compile", "--output", str(tmp_path / "p.yaml")], capture_output=True,
+                          text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "p.yaml"), proc.stderr[-2000:]
+    # Where the extra is missing (a stage image), the command says what to install, in one line.
+    code = ("import sys; sys.modules['kfp'] = None; sys.argv = ['mammoseg-pipeline', 'compile']; "
+            "from pipelines.__main__ import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg-pipeline: error: kfp and kfp-kubernetes are not installed; they come with the pipeline extra: "
+        "pip install 'mammoseg[pipeline]'"]
+
+
 def test_image_reference_is_replaced_on_every_task(tmp_path):
     out = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
+    assert main(["compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.local/mammoseg:cuda-1"}
@@ -200,7 +226,7 @@ def test_image_reference_is_replaced_on_every_task(tmp_path):
     ("train.epochs=[1", "the value is not YAML"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message, tmp_path, capsys):
-    assert main(["pipeline", "compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
+    assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p.yaml").exists()
@@ -229,7 +255,7 @@ def test_submit_creates_a_run_or_a_recurring_run(tmp_path):
     from pipelines.submit import submit
 
     package = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "--output", str(package)]) == 0
+    assert main(["compile", "--output", str(package)]) == 0
     client = _FakeClient()
     done = submit(package, "http://kfp", "mammoseg", {"data_hash": "h.dir"}, "nightly", client=client)
     assert (done.kind, done.id, done.experiment) == ("run", "run-1", "exp-1")
@@ -255,6 +281,6 @@ def test_submit_to_an_unreachable_endpoint_is_a_one_line_error(tmp_path, capsys)
     from tests.conftest import free_port
 
     host = f"http://127.0.0.1:{free_port()}"
-    assert main(["pipeline", "submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
+    assert main(["submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"mammoseg pipeline: error: KFP endpoint {host} unreachable")
+    assert err.startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
