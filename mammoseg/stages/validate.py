@@ -501,8 +501,8 @@ def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, 
     """Summarise one failed expectation result: its name, severity, offending images and values.
 
     `images` lists each offending row's image id, DICOM path (relative to the INbreast folder, as the
-    manifest has it) and, for a one-column rule, its value
-    in that column (a read error's reason, a size, keywords of identifying attributes).
+    manifest has it) and, for a one-column rule, its value in that column (a read error's reason, a
+    size, keywords of identifying attributes).
     """
     config = outcome.expectation_config
     name = config.meta["name"]
