@@ -1,5 +1,8 @@
 # The one image every pipeline component runs in: mammoseg and its pinned dependencies in /opt/venv,
-# `mammoseg` on the PATH, a non-root user. Built offline by scripts/build_image.sh (read it first):
+# `mammoseg` on the PATH, a non-root user. No kfp: the components are container components (KFP's
+# launcher is a Go binary the cluster injects), so the `pipeline` extra stays on the machine that
+# compiles and submits; `mammoseg-pipeline` in the image says so in one line. Built offline by
+# scripts/build_image.sh (read it first):
 #
 #   BASE        a base with Debian's python3.11 and python3-venv. Default: the debootstrapped
 #               mammoseg-debian:bookworm the script imports (CPU). For GPU nodes a CUDA runtime base

@@ -43,14 +43,15 @@ def replicate(manifest: pd.DataFrame, inbreast: Path, rows: int) -> pd.DataFrame
     for index in range(rows):
         row = manifest.iloc[index % len(manifest)].copy()
         image_id, patient_id = f"{30_000_000 + index:08d}", f"{index // 4 + 1:016x}"
-        source = Path(row["dicom_path"])
+        source = inbreast / row["dicom_path"]
         tokens = source.name.split("_")
         target = source.with_name("_".join([image_id, patient_id, *tokens[2:]]))
         os.link(source, target)
         xml = inbreast / "AllXML" / f"{row['image_id']}.xml"
         if xml.is_file():
             os.link(xml, inbreast / "AllXML" / f"{image_id}.xml")
-        row["image_id"], row["patient_id"], row["dicom_path"] = image_id, patient_id, str(target)
+        row["image_id"], row["patient_id"] = image_id, patient_id
+        row["dicom_path"] = target.relative_to(inbreast).as_posix()
         out.append(row)
     return pd.DataFrame(out).reset_index(drop=True).astype(ingest.MANIFEST_COLUMNS)
 
@@ -92,14 +93,14 @@ def main() -> None:
             manifest = replicate(manifest, work / "inbreast", args.rows)
             data = f"replicated ({sources} files)"
         manifest.to_parquet(work / "manifest.parquet", index=False)
-        size_gb = sum(Path(p).stat().st_size for p in manifest["dicom_path"]) / 1e9
+        size_gb = sum((work / "inbreast" / p).stat().st_size for p in manifest["dicom_path"]) / 1e9
 
         config = stage_config("validate", params, {"workers": args.workers})
         read_time = _ReadTime()
         validate.log.addHandler(read_time)
         validate.log.setLevel(logging.INFO)
         start = time.perf_counter()
-        outcome = validate.run(config, work / "manifest.parquet", work / "report")
+        outcome = validate.run(config, work / "inbreast", work / "manifest.parquet", work / "report")
         seconds = time.perf_counter() - start
     finally:
         if args.keep is None:

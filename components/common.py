@@ -11,7 +11,7 @@ block re-runs train and what follows, never ingest).
 from __future__ import annotations
 
 # The image every component runs in; scripts/build_image.sh tags each build with it (and with a
-# content-hash tag). `mammoseg pipeline compile --image REF` replaces it on every task, e.g. with a
+# content-hash tag). `mammoseg-pipeline compile --image REF` replaces it on every task, e.g. with a
 # registry reference for a cluster.
 IMAGE = "mammoseg:cpu"
 

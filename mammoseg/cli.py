@@ -3,7 +3,8 @@
 Each stage's flags come from two places: its path arguments (declared here, inputs named for what
 they are, outputs ending in `-out`) and its params.yaml block (every scalar or list becomes a flag of
 the same name, so the defaults are written once). Stage modules are imported only when their
-subcommand runs, so `mammoseg --help` and KFP compilation never import torch.
+subcommand runs, so `mammoseg --help` never imports torch. The Kubeflow pipeline has a command of its
+own (`mammoseg-pipeline`, in pipelines/): nothing here imports kfp, which a stage image need not have.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ STAGES: dict[str, StageSpec] = {
         "mammoseg.stages.validate",
         "check the manifest and its DICOMs against the Great Expectations data contract",
         (
+            PathArg("--inbreast", "the INbreast folder ingest read (the manifest's DICOM paths are relative to it)"),
             PathArg("--manifest", "manifest written by ingest (Parquet)"),
             PathArg("--report-out", "folder for the Data Docs HTML and summary.json"),
         ),
@@ -81,6 +83,7 @@ STAGES: dict[str, StageSpec] = {
         "mammoseg.stages.preprocess",
         "decode, orient, crop and resize every image and its masks; assign patient-level splits",
         (
+            PathArg("--inbreast", "the INbreast folder ingest read (the manifest's DICOM paths are relative to it)"),
             PathArg("--manifest", "manifest written by ingest (Parquet)"),
             PathArg("--masks", "full-resolution masks written by ingest"),
             PathArg("--dataset-out", "folder for the training dataset and its index.parquet"),
@@ -157,16 +160,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, stage: str, defaults: dic
         group.add_argument(*aliases, **kwargs)
 
 
-def _add_pipeline_parser(subparsers: Any) -> None:
-    """Add `mammoseg pipeline compile|run|submit`; pipelines.cli parses the action's options."""
-    pipeline = subparsers.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally (Docker), submit",
-                                     description="Compile the Kubeflow pipeline, run it locally with Docker or "
-                                     "submit it to a KFP endpoint; `mammoseg pipeline ACTION --help` lists "
-                                     "ACTION's options.")
-    pipeline.add_argument("action", choices=["compile", "run", "submit"])
-    pipeline.add_argument("pipeline_args", nargs=argparse.REMAINDER, metavar="...", help="the action's options")
-
-
 def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """Build the full `mammoseg` parser.
 
@@ -191,7 +184,6 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
                                 description="Print evaluate's headline numbers and register's decision.")
     job.add_argument("--metrics", type=Path, required=True, help="evaluate's metrics JSON")
     job.add_argument("--registration", type=Path, default=None, help="register's decision JSON")
-    _add_pipeline_parser(subparsers)
     for name, spec in STAGES.items():
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         for path in spec.paths:
@@ -270,12 +262,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sys.stdout.write(job_summary.run(args.metrics, args.registration))
             return 0
-        if args.command == "pipeline":
-            # The one place mammoseg reaches pipelines (and so kfp): lazily, for this subcommand only.
-            from mammoseg.config import default_params_path
-            from pipelines.cli import main as pipeline_main
-
-            return pipeline_main([args.action, *args.pipeline_args], params_path or default_params_path())
         return run_stage(args.command, args, params, params_path)
     except UserError as exc:
         # User errors are one line, no traceback: the message names the file and the problem.

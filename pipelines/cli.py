@@ -1,8 +1,9 @@
-"""`mammoseg pipeline compile|run|submit` (also `python -m pipelines ...`): the options and what they do.
+"""`mammoseg-pipeline compile|run|submit` (also `python -m pipelines ...`): the options and what they do.
 
 Reads params.yaml and data.dvc (the parameter defaults) and writes the compiled IR YAML; `run --local`
-runs it with Docker on this machine, `submit` sends it to a KFP endpoint. mammoseg's CLI only routes
-the subcommand here (a lazy import), so `mammoseg` itself never imports kfp.
+runs it with Docker on this machine, `submit` sends it to a KFP endpoint. A command of its own, not a
+`mammoseg` subcommand: mammoseg (and every image that runs a stage) needs no kfp, which comes with the
+`pipeline` extra (`pip install 'mammoseg[pipeline]'`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipelines.training import compile_pipeline
 
 log = logging.getLogger(__name__)
 
+PROG = "mammoseg-pipeline"
 DEFAULT_LOCAL_ROOT = Path("artifacts/kfp")
 
 
@@ -44,10 +46,13 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the parser of `mammoseg pipeline`."""
-    parser = argparse.ArgumentParser(prog="mammoseg pipeline",
+    """Build the parser of `mammoseg-pipeline`."""
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description="The Kubeflow pipeline: compile it, run it locally in Docker, "
                                      "or submit it to a KFP endpoint. Defaults come from params.yaml.")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="params.yaml to take the defaults from (default: the repository's; data.dvc is read "
+                             "beside it)")
     actions = parser.add_subparsers(dest="action", required=True, metavar="<action>")
     compile_ = actions.add_parser("compile", help="write the pipeline's IR YAML")
     compile_.add_argument("--output", type=Path, required=True, help="IR YAML to write")
@@ -76,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inputs(args: argparse.Namespace, params_path: Path | None) -> CompileInputs:
-    return load_compile_inputs(params_path, parse_set(args.overrides))
+def _inputs(args: argparse.Namespace) -> CompileInputs:
+    return load_compile_inputs(args.params, parse_set(args.overrides))
 
 
 def _arguments(args: argparse.Namespace, digest: str | None) -> dict[str, str]:
@@ -86,44 +91,44 @@ def _arguments(args: argparse.Namespace, digest: str | None) -> dict[str, str]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _package(args: argparse.Namespace, params_path: Path | None, out: Path, digest: str | None) -> Path:
+def _package(args: argparse.Namespace, out: Path, digest: str | None) -> Path:
     """Return the IR YAML to run: --package as it is, else params.yaml compiled to `out`."""
     if args.package is not None:
         if args.overrides:
             raise SettingsError("--set changes the compile-time defaults; it cannot apply to --package")
         return args.package
-    return compile_pipeline(out, _inputs(args, params_path), args.image, digest or "")
+    return compile_pipeline(out, _inputs(args), args.image, digest or "")
 
 
-def main(argv: Sequence[str], params_path: Path | None = None) -> int:
-    """Run `mammoseg pipeline <action> ...`; return the exit code (2 with a one-line error)."""
+def main(argv: Sequence[str]) -> int:
+    """Run `mammoseg-pipeline [--params FILE] <action> ...`; return the exit code (2 with a one-line error)."""
     args = build_parser().parse_args(list(argv))
     try:
         if args.action == "compile":
-            inputs = _inputs(args, params_path)
+            inputs = _inputs(args)
             path = compile_pipeline(args.output, inputs, args.image, args.image_digest or "")
             sys.stdout.write(f"{path}\n")
             return 0
         if args.action == "run":
             image = args.image or IMAGE
             digest = args.image_digest or image_digest(image)
-            inputs = _inputs(args, params_path)
-            package = _package(args, params_path, args.pipeline_root / f"{inputs.pipeline.name}.yaml", digest)
+            inputs = _inputs(args)
+            package = _package(args, args.pipeline_root / f"{inputs.pipeline.name}.yaml", digest)
             log.info("running %s locally in %s (%s)", package, image, digest)
             result = run_local(package, args.pipeline_root, image, _arguments(args, digest), os.environ,
                                inputs.pipeline.shm_size, cache=args.cache)
             sys.stdout.write(f"{result.decision}\n")
             return 0
-        inputs = _inputs(args, params_path)
+        inputs = _inputs(args)
         if not args.image_digest:
             log.warning("no --image-digest: KFP's cache cannot tell a rebuilt image under the same tag")
         with tempfile.TemporaryDirectory() as tmp:
-            package = _package(args, params_path, Path(tmp) / "pipeline.yaml", args.image_digest)
+            package = _package(args, Path(tmp) / "pipeline.yaml", args.image_digest)
             done = submit(package, args.host, args.experiment or inputs.pipeline.experiment,
                           _arguments(args, args.image_digest), args.run_name or inputs.pipeline.name,
                           namespace=args.namespace, schedule=args.recurring, max_concurrency=args.max_concurrency)
         sys.stdout.write(f"{done.kind} {done.id} (experiment {done.experiment})\n")
         return 0
     except (SettingsError, LocalRunError, SubmitError) as exc:
-        sys.stderr.write(f"mammoseg pipeline: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2

@@ -75,7 +75,7 @@ def image_digest(image: str) -> str:
 
 def forwarded_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """Return the variables the cluster's secrets would set, taken from `environ` where present."""
-    return {name: environ[name] for name in (*MLFLOW_ENV, *S3_ENV) if environ.get(name)}
+    return {name: environ[name] for name in (*MLFLOW_ENV.names, *S3_ENV.names) if environ.get(name)}
 
 
 def docker_size(quantity: str) -> str:

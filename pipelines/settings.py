@@ -20,10 +20,36 @@ from components import STAGE_COMPONENTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+@dataclasses.dataclass(frozen=True)
+class SecretKeys:
+    """The keys of one Kubernetes secret that a task maps to environment variables of the same names.
+
+    Attributes:
+        required: keys the secret must hold: without one the pod does not start
+            (CreateContainerConfigError names the key), rather than run against the wrong service.
+        optional: keys mapped only where the secret holds them (a secretKeyRef with optional: true;
+            the secret itself may then be absent too).
+    """
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every variable name, required first."""
+        return (*self.required, *self.optional)
+
+
 # Environment variables the stages read, by the Kubernetes secret that provides them (keys = names).
-# The local run forwards the same names from the caller's environment.
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")
+# The local run forwards the same names from the caller's environment, where they are set.
+# MLflow: the tracking URI is required (without it a stage would log to a throw-away SQLite file in
+# its pod); the credentials are optional, for a server without authentication.
+MLFLOW_ENV = SecretKeys(required=("MLFLOW_TRACKING_URI",),
+                        optional=("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+# S3: all optional. Without keys boto3 (under DVC) takes the node's instance role or the pod's web
+# identity (IRSA); without a region or endpoint, AWS's defaults (the endpoint is for MinIO and the like).
+S3_ENV = SecretKeys(required=(), optional=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                           "AWS_ENDPOINT_URL_S3"))
 
 
 class SettingsError(ValueError):

@@ -12,7 +12,8 @@ Pipeline parameters:
         re-runs its stage and what depends on it, and nothing upstream.
 
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
-Kubernetes secrets as environment variables (never parameters); train asks for one GPU, CPUs,
+Kubernetes secrets as environment variables (never parameters), each key only where the secret has it
+but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train asks for one GPU, CPUs,
 memory and a Memory-backed /dev/shm for its data-loader workers, and is retried with exponential
 backoff (an attempt that finds the previous attempt's checkpoint.pt in its model folder resumes from
 it and continues the same MLflow run; kfp.local retries in the same folder); register is never cached
@@ -26,7 +27,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
-from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs
+from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, SecretKeys
 
 # Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
 CHECKPOINT_MOUNT = "/checkpoints"
@@ -35,9 +36,18 @@ DESCRIPTION = ("Full-resolution mammography segmentation (LightUNet on INbreast)
                "train, evaluate, export to ONNX, register in MLflow with a promotion gate.")
 
 
-def _with_secret(task: dsl.PipelineTask, secret: str, names: tuple[str, ...]) -> dsl.PipelineTask:
-    """Expose the secret's keys (named like the variables) as the task's environment variables."""
-    return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={n: n for n in names})
+def _with_secret(task: dsl.PipelineTask, secret: str, keys: SecretKeys) -> dsl.PipelineTask:
+    """Expose the secret's keys (named like the variables) as the task's environment variables.
+
+    KFP's `optional` belongs to one mapping of a secret and goes onto each of its keys' secretKeyRef
+    (KFP 2.15 and later; Kubernetes then skips a key, or the whole secret, that is absent), so the
+    required and the optional keys are two mappings of the same secret.
+    """
+    for names, optional in ((keys.required, False), (keys.optional, True)):
+        if names:
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={n: n for n in names},
+                                         optional=optional)
+    return task
 
 
 def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Any:
@@ -79,12 +89,15 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
 
         ingested = configure(ingest(params=ingest_params, inbreast=raw.outputs["inbreast"],
                                     image_digest=image_digest), "ingest")
-        validated = configure(validate(params=validate_params, manifest=ingested.outputs["manifest"],
-                                       image_digest=image_digest), "validate")
-        # preprocess reads only ingest's outputs, but runs on validated data only: a failed validate
+        # validate and preprocess read the DICOMs from the raw data itself: the manifest names them
+        # relative to that folder, and on a cluster a pod receives only the artifacts it declares.
+        validated = configure(validate(params=validate_params, inbreast=raw.outputs["inbreast"],
+                                       manifest=ingested.outputs["manifest"], image_digest=image_digest), "validate")
+        # preprocess reads no output of validate, but runs on validated data only: a failed validate
         # (exit 1) fails the run here.
-        prepared = configure(preprocess(params=preprocess_params, manifest=ingested.outputs["manifest"],
-                                        masks=ingested.outputs["masks"], image_digest=image_digest), "preprocess")
+        prepared = configure(preprocess(params=preprocess_params, inbreast=raw.outputs["inbreast"],
+                                        manifest=ingested.outputs["manifest"], masks=ingested.outputs["masks"],
+                                        image_digest=image_digest), "preprocess")
         prepared.after(validated)
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or reuse .venv at the repo root with the project installed (editable, with dev extras).
+# Create or reuse .venv at the repo root with the project installed (editable, with the dev extra and
+# the pipeline extra: kfp for `mammoseg-pipeline` and its tests).
 # Sourced by scripts/main.sh and scripts/test.sh. The CPU build of torch is installed first so the
 # project's torch range is already satisfied and pip never resolves it to a multi-GB CUDA wheel.
 set -euo pipefail
@@ -14,7 +15,7 @@ want="$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
+    "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev,pipeline]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

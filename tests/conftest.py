@@ -267,8 +267,8 @@ def prepared_data(tmp_path_factory) -> PreparedData:
     root = tmp_path_factory.mktemp("prepared")
     synth.run(stage_config_for("synth", cases=8, seed=3, scale=0.1), root / "inbreast")
     ingest.run(stage_config_for("ingest", workers=1), root / "inbreast", root / "manifest.parquet", root / "masks")
-    preprocess.run(stage_config_for("preprocess", size=128, workers=1), root / "manifest.parquet", root / "masks",
-                   root / "dataset")
+    preprocess.run(stage_config_for("preprocess", size=128, workers=1), root / "inbreast", root / "manifest.parquet",
+                   root / "masks", root / "dataset")
     return PreparedData(root / "inbreast", root / "manifest.parquet", root / "masks", root / "dataset")
 
 

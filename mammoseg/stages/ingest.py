@@ -4,6 +4,11 @@ Per-image problems (a DICOM without a table row, an unreadable DICOM or XML, a m
 file name that disagrees with the table, several files with one image id) reject that image into
 `<manifest>.rejected.csv` with the reason and keep the rest; dataset-level problems (no folder, no
 .dcm file, an unusable table, nothing usable) are one-line user errors.
+
+Every file the outputs name (the manifest's `dicom_path`, the rejected list's `file`) is a POSIX path
+relative to the INbreast folder, never an absolute one: on a cluster each task receives its input
+artifacts at paths of its own, so the readers (validate, preprocess) take that folder as an input of
+their own (`--inbreast`) and join it with the manifest's paths (`dicom_file`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -52,7 +57,7 @@ MANIFEST_COLUMNS = {
     "birads": "string",
     "rows": "int64",
     "columns": "int64",
-    "dicom_path": "string",
+    "dicom_path": "string",  # relative to the INbreast folder, e.g. AllDICOMs/<name>.dcm (see dicom_file)
     "dicom_sha256": "string",
     "n_mass": "int64",
     "n_calcification": "int64",
@@ -82,6 +87,7 @@ class _Job:
     """One image to read: everything a worker process needs."""
 
     dicom_path: Path
+    relative_path: str  # dicom_path relative to the INbreast folder: what the manifest stores
     name: DicomName
     row: TableRow
     xml_path: Path
@@ -93,6 +99,37 @@ class _Job:
 def rejected_list_path(manifest: Path) -> Path:
     """Return the path of the rejected-images list written beside a manifest."""
     return manifest.with_name(manifest.stem + ".rejected.csv")
+
+
+def dicom_file(inbreast: Path, dicom_path: str, manifest: Path) -> Path:
+    """Return where a manifest row's DICOM is: its `dicom_path` (relative to the INbreast folder) under `inbreast`.
+
+    Raises:
+        UserError: the path is absolute or climbs out of the folder (a manifest written before ingest
+            stored relative paths, or one edited by hand).
+    """
+    relative = PurePosixPath(dicom_path)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UserError(f"{manifest}: dicom_path {dicom_path!r} is not a path inside the INbreast folder "
+                        "(a manifest from an older ingest? run `mammoseg ingest` again)")
+    return inbreast / relative
+
+
+def _relative(path: str | Path, inbreast: Path) -> str:
+    """Return a path under the INbreast folder as the outputs store it: relative to that folder, POSIX."""
+    return Path(path).relative_to(inbreast).as_posix()
+
+
+def _stored(rejection: dict[str, str], inbreast: Path) -> dict[str, str]:
+    """Return a rejection as the rejected list stores it: the files it names relative to the INbreast folder.
+
+    The reasons name files the way the messages do, under `inbreast` as given (the log shows them so);
+    the list is an output, so that prefix is dropped there.
+    """
+    reason = rejection["reason"]
+    if inbreast != Path("."):  # "./" would also match inside "../"; a "." folder adds no prefix anyway
+        reason = reason.replace(f"{inbreast}{os.sep}", "")
+    return {**rejection, "file": _relative(rejection["file"], inbreast), "reason": reason}
 
 
 def _ingest_one(job: _Job) -> _Outcome:
@@ -126,7 +163,7 @@ def _ingest_one(job: _Job) -> _Outcome:
         "birads": job.row.birads,
         "rows": rows,
         "columns": columns,
-        "dicom_path": str(job.dicom_path.resolve()),
+        "dicom_path": job.relative_path,
         "dicom_sha256": sha256_of(job.dicom_path),
         "n_mass": raster.counts["mass"],
         "n_calcification": raster.counts["calcification"],
@@ -183,8 +220,9 @@ def _plan(inbreast: Path, config: IngestConfig, masks_dir: Path) -> tuple[list[_
         if reason:
             rejected.append({"file": str(dicom_path), "image_id": image_id, "reason": reason})
             continue
-        jobs.append(_Job(dicom_path, name, row, inbreast / XML_DIR / f"{image_id}.xml",
-                         config.point_radius_px, config.lesion_classes, masks_dir))
+        jobs.append(_Job(dicom_path, _relative(dicom_path, inbreast), name, row,
+                         inbreast / XML_DIR / f"{image_id}.xml", config.point_radius_px, config.lesion_classes,
+                         masks_dir))
     for image_id in sorted(set(table) - set(files_by_id)):
         rejected.append({"file": str(inbreast / DICOM_DIR), "image_id": image_id,
                          "reason": f"table row for image id {image_id} has no DICOM file"})
@@ -294,7 +332,9 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
             raise UserError(f"{inbreast}: no image could be ingested ({reasons})")
         manifest = pd.DataFrame(manifest_rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_COLUMNS)
         manifest = manifest.sort_values("image_id", ignore_index=True)
-        rejected_frame = pd.DataFrame(rejected, columns=["file", "image_id", "reason"])
+        # The log names each file as given (below); the list, an output, names it inside the folder.
+        rejected_frame = pd.DataFrame([_stored(item, inbreast) for item in rejected],
+                                      columns=["file", "image_id", "reason"])
         write_atomically(manifest_out, lambda tmp: manifest.to_parquet(tmp, index=False))
         rejected_path = rejected_list_path(manifest_out)
         write_atomically(rejected_path, lambda tmp: rejected_frame.to_csv(tmp, index=False))

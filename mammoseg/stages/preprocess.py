@@ -1,5 +1,8 @@
 """Preprocess: read the manifest, its DICOMs and full-resolution masks; write the training dataset.
 
+The DICOMs are found under the INbreast folder given as an input (`--inbreast`): the manifest names
+them relative to it (mammoseg.stages.ingest.dicom_file), and the dataset names nothing outside itself.
+
 Writes into `dataset_out`: `images/<image_id>.npy` ((size, size) uint16, value / 65535 = intensity in
 [0, 1]), `masks/<image_id>.npy` ((size, size) uint8 bit planes: bit 0 mass, bit 1 calcification),
 `native_masks/<image_id>_<class>.png` (ingest's full-resolution masks, copied, for scoring on the
@@ -53,6 +56,7 @@ from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder, write_atomically
 from mammoseg.preprocessing import MASK_RULES, PreprocessParams, Transform, preprocess, quantize
+from mammoseg.stages.ingest import dicom_file
 
 log = logging.getLogger(__name__)
 
@@ -346,11 +350,31 @@ def _check_replaceable(dataset_out: Path) -> None:
                         "refusing to replace it")
 
 
-def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path) -> PreprocessResult:
+def _dicom_files(frame: pd.DataFrame, inbreast: Path, manifest: Path) -> dict[str, Path]:
+    """Return image id -> DICOM file under the INbreast folder, each checked to exist.
+
+    Raises:
+        UserError: the folder is missing, or a manifest row's DICOM is not in it (naming both).
+    """
+    if not inbreast.is_dir():
+        raise UserError(f"{inbreast}: INbreast folder not found (--inbreast is the folder ingest read)")
+    files = {}
+    for row in frame[["image_id", "dicom_path"]].itertuples(index=False):
+        path = dicom_file(inbreast, str(row.dicom_path), manifest)
+        if not path.is_file():
+            raise UserError(f"{path}: DICOM of image {row.image_id} not found ({manifest} names it "
+                            f"{row.dicom_path} in the INbreast folder {inbreast}: the folder ingest read?)")
+        files[str(row.image_id)] = path
+    return files
+
+
+def run(config: PreprocessConfig, inbreast: Path, manifest: Path, masks: Path, dataset_out: Path
+        ) -> PreprocessResult:
     """Preprocess every image of the manifest into the training dataset.
 
     Args:
         config: preprocess parameters (size, split, normalisation, crop, workers).
+        inbreast: the INbreast folder that ingest read (the manifest's DICOM paths are relative to it).
         manifest: the ingest manifest (Parquet).
         masks: the folder of full-resolution masks written by ingest.
         dataset_out: the dataset folder to (re)write.
@@ -367,6 +391,7 @@ def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path
         raise UserError(f"preprocess.size {config.size} is not a multiple of preprocess.size_multiple "
                         f"{config.size_multiple} (the network halves its input that often)")
     frame = _read_manifest(manifest)
+    dicoms = _dicom_files(frame, inbreast, manifest)
     if not masks.is_dir():
         raise UserError(f"{masks}: masks folder not found")
     patients = assign_splits(frame, config.split_fractions, config.seed, manifest)
@@ -377,7 +402,7 @@ def run(config: PreprocessConfig, manifest: Path, masks: Path, dataset_out: Path
         (staging / IMAGES_DIR).mkdir()
         (staging / MASKS_DIR).mkdir()
         (staging / NATIVE_MASKS_DIR).mkdir()
-        jobs = [_Job(str(row.image_id), str(row.laterality), Path(row.dicom_path), int(row.rows),
+        jobs = [_Job(str(row.image_id), str(row.laterality), dicoms[str(row.image_id)], int(row.rows),
                      int(row.columns), tuple(mask_path(masks, str(row.image_id), c) for c in CLASSES),
                      tuple(int(getattr(row, MANIFEST_PX[c])) for c in CLASSES), params, staging)
                 for row in frame.sort_values("image_id").itertuples(index=False)]

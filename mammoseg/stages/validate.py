@@ -1,4 +1,8 @@
-"""Validate: read the manifest and the DICOMs (and ROI XMLs) it points to; write a report and Data Docs.
+"""Validate: read the manifest and the DICOMs (and ROI XMLs) it names; write a report and Data Docs.
+
+The manifest names each DICOM relative to the INbreast folder, which validate takes as an input of its
+own (`--inbreast`): the report stores those relative paths (and the manifest by name and sha256), so
+it says the same wherever the folders lie; log lines name the files as given, under that folder.
 
 The data contract is a Great Expectations suite over one table: the manifest joined with per-image
 facts that need the files (sha256 actually computed, why a file is unreadable, DICOM Modality, size,
@@ -45,7 +49,7 @@ from mammoseg.dicom import IDENTIFYING_KEYWORDS, identifying_attributes, pixel_d
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder
 from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
-from mammoseg.stages.ingest import MANIFEST_COLUMNS, rejected_list_path
+from mammoseg.stages.ingest import MANIFEST_COLUMNS, dicom_file, rejected_list_path
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,8 @@ class _Job:
     """One manifest row's files: everything a worker needs to gather that image's facts."""
 
     image_id: str
-    dicom_path: str
+    dicom_path: Path
+    xml_path: Path
     privacy_allowed: tuple[str, ...]
 
 
@@ -286,13 +291,11 @@ def _image_facts(job: _Job) -> dict[str, Any]:
     that could not be read stay None.
     """
     facts: dict[str, Any] = dict.fromkeys(FACT_COLUMNS)
-    path = Path(job.dicom_path)
-    _dicom_facts(path, job.privacy_allowed, facts)
-    # ROI XMLs sit beside AllDICOMs (INbreast layout); an image without one has no ROI.
-    xml_path = path.parent.parent / XML_DIR / f"{job.image_id}.xml"
-    if xml_path.is_file():
+    _dicom_facts(job.dicom_path, job.privacy_allowed, facts)
+    # An image without an ROI XML has no ROI.
+    if job.xml_path.is_file():
         try:
-            facts["roi_points"] = sum(len(roi.points_px) for roi in read_rois(xml_path))
+            facts["roi_points"] = sum(len(roi.points_px) for roi in read_rois(job.xml_path))
         except UserError as exc:
             facts["xml_error"] = str(exc)
     else:
@@ -497,8 +500,9 @@ def _jsonable(value: Any) -> Any:
 def _describe_failure(outcome: Any, rules: dict[str, Rule], severity: dict[str, str]) -> dict[str, Any]:
     """Summarise one failed expectation result: its name, severity, offending images and values.
 
-    `images` lists each offending row's image id, DICOM path and, for a one-column rule, its value
-    in that column (a read error's reason, a size, keywords of identifying attributes).
+    `images` lists each offending row's image id, DICOM path (relative to the INbreast folder, as the
+    manifest has it) and, for a one-column rule, its value in that column (a read error's reason, a
+    size, keywords of identifying attributes).
     """
     config = outcome.expectation_config
     name = config.meta["name"]
@@ -556,11 +560,12 @@ def _rejected_failure(manifest: Path, severity: dict[str, str]) -> dict[str, Any
             "image_ids": [image["image_id"] for image in images], "images": images, "unexpected_values": []}
 
 
-def _log_line(failure: dict[str, Any]) -> str:
+def _log_line(failure: dict[str, Any], inbreast: Path) -> str:
     """One line per failed expectation: severity, name, expectation and up to LOG_IDS offending images.
 
-    Each image shows as `id (path: value)`: the DICOM file to open and, for one-column rules, what
-    was wrong (the reason a file is unreadable, the keywords of identifying attributes).
+    Each image shows as `id (path: value)`: the DICOM file to open (the report's relative path under
+    `inbreast`, as the user gave that folder) and, for one-column rules, what was wrong (the reason a
+    file is unreadable, the keywords of identifying attributes).
     """
     head = f"FAILED {failure['severity']} {failure['name']} {failure['expectation']}"
     if failure.get("error"):
@@ -574,7 +579,7 @@ def _log_line(failure: dict[str, Any]) -> str:
         distinct = list(first.values())
         shown = []
         for image in distinct[:LOG_IDS]:
-            detail = [str(image["dicom_path"])] if image.get("dicom_path") else []
+            detail = [str(inbreast / image["dicom_path"])] if image.get("dicom_path") else []
             if image.get("value") is not None:
                 detail.append(_one_line(image["value"]))
             shown.append(f"{image['image_id']} ({': '.join(detail)})" if detail else image["image_id"])
@@ -672,7 +677,7 @@ def _install_report(staging: Path, report_out: Path, success: bool) -> Path | No
     return kept if kept.exists() else None
 
 
-def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateResult:
+def run(config: ValidateConfig, inbreast: Path, manifest: Path, report_out: Path) -> ValidateResult:
     """Check a manifest and the files it points to against the data contract.
 
     The new report always replaces report_out: a failing one must be read, and DVC tracks that
@@ -682,6 +687,7 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
     Args:
         config: thresholds, allowed sizes and bit depths, the privacy allow-list, warning-level rule
             names, workers.
+        inbreast: the INbreast folder that ingest read (the manifest's DICOM paths are relative to it).
         manifest: the Parquet manifest written by ingest.
         report_out: folder to (re)write with `summary.json` and `data_docs/` (Great Expectations HTML).
 
@@ -689,14 +695,22 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
         Success, exit code (1 when a critical expectation fails), counts and the report paths.
 
     Raises:
-        UserError: the manifest is missing or unreadable, or the config names unknown rules or
+        UserError: the manifest is missing or unreadable, or names its DICOMs by absolute paths; the
+            INbreast folder is missing or holds none of them; or the config names unknown rules or
             keywords or has a malformed size or bit range.
     """
     rules = contract(config)
     severity = severities(config, rules)
     frame = read_manifest(manifest)
-    jobs = [_Job(str(row.image_id), str(row.dicom_path), tuple(config.privacy_allowed))
+    if not inbreast.is_dir():
+        raise UserError(f"{inbreast}: INbreast folder not found (--inbreast is the folder ingest read)")
+    jobs = [_Job(str(row.image_id), dicom_file(inbreast, str(row.dicom_path), manifest),
+                 inbreast / XML_DIR / f"{row.image_id}.xml", tuple(config.privacy_allowed))
             for row in frame[["image_id", "dicom_path"]].itertuples(index=False)]
+    # One missing file is a contract failure (dicom_readable); all of them is the wrong folder.
+    if jobs and not any(job.dicom_path.is_file() for job in jobs):
+        raise UserError(f"{manifest}: none of its {len(jobs)} DICOMs is in {inbreast} (e.g. "
+                        f"{frame['dicom_path'].iloc[0]}): is --inbreast the folder ingest read?")
     workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
     facts = pd.DataFrame(list(_gather_facts(jobs, min(workers, max(len(jobs), 1)))),
@@ -722,7 +736,9 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
         summary = {
             "success": success,
             "suite": SUITE_NAME,
-            "manifest": str(manifest),
+            # By name and content: a path would be the machine's (a task's input path on a cluster).
+            "manifest": manifest.name,
+            "manifest_sha256": sha256_of(manifest),
             "run_time": run_time.isoformat(timespec="seconds"),
             "report": INDEX_NAME,
             "data_docs": f"{DATA_DOCS_DIR}/index.html",
@@ -754,9 +770,9 @@ def run(config: ValidateConfig, manifest: Path, report_out: Path) -> ValidateRes
             shutil.rmtree(staging)
 
     for failure in critical:
-        log.error("%s", _log_line(failure))
+        log.error("%s", _log_line(failure, inbreast))
     for failure in warnings:
-        log.warning("%s", _log_line(failure))
+        log.warning("%s", _log_line(failure, inbreast))
     if kept is not None:
         log.info("previous passing report kept at %s", kept / INDEX_NAME)
     verdict = "passed" if success else "FAILED"

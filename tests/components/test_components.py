@@ -66,12 +66,13 @@ def test_prologue_gives_mammoseg_the_block_as_its_params(tiny_manifest):
 def test_prologue_keeps_the_stage_exit_code(tiny_manifest, tmp_path):
     # A failed data contract is exit 1 (the task fails and the pipeline stops); a user error exit 2.
     block = {"validate": dict(PARAMS["validate"], workers=1, allowed_sizes=["64x48"], min_images=1000)}
-    proc = _stage(block, "validate", "--manifest", str(tiny_manifest), "--report-out", str(tmp_path / "r"),
-                  cwd=tmp_path)
+    inbreast = tiny_manifest.parents[1] / "inbreast"  # the folder the fixture ingested
+    proc = _stage(block, "validate", "--inbreast", str(inbreast), "--manifest", str(tiny_manifest), "--report-out",
+                  str(tmp_path / "r"), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert (tmp_path / "r" / "summary.json").is_file()
-    proc = _stage({"validate": {"workers": 1}}, "validate", "--manifest", str(tiny_manifest), "--report-out",
-                  str(tmp_path / "r2"), cwd=tmp_path)
+    proc = _stage({"validate": {"workers": 1}}, "validate", "--inbreast", str(inbreast), "--manifest",
+                  str(tiny_manifest), "--report-out", str(tmp_path / "r2"), cwd=tmp_path)
     assert proc.returncode == 2 and "missing key(s) in 'validate'" in proc.stderr
 
 

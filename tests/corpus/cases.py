@@ -75,6 +75,10 @@ class Layout:
     def csv(self) -> Path:
         return self.inbreast / "INbreast.csv"
 
+    def manifest_args(self) -> list[str]:
+        """The flags validate and preprocess read ingest's output by: the manifest and the raw folder it names."""
+        return ["--inbreast", str(self.inbreast), "--manifest", str(self.manifest)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -125,16 +129,16 @@ def data_steps(layout: Layout, env: dict[str, str]) -> list[Step]:
         Step("ingest", ["ingest", "--inbreast", str(layout.inbreast), "--manifest-out", str(layout.manifest),
                         "--masks-out", str(layout.masks), *INGEST_FLAGS],
              [layout.manifest, layout.masks, layout.manifest.with_name("manifest.rejected.csv")]),
-        Step("validate", ["validate", "--manifest", str(layout.manifest), "--report-out", str(layout.report),
+        Step("validate", ["validate", *layout.manifest_args(), "--report-out", str(layout.report),
                           *VALIDATE_FLAGS], [layout.report], [last_passing]),
-        Step("preprocess", ["preprocess", "--manifest", str(layout.manifest), "--masks", str(layout.masks),
+        Step("preprocess", ["preprocess", *layout.manifest_args(), "--masks", str(layout.masks),
                             "--dataset-out", str(layout.dataset), *PREPROCESS_FLAGS], [layout.dataset]),
     ]
 
 
 def _preprocess_with(*flags: str) -> Callable[[Layout, dict[str, str]], list[Step]]:
     def steps(layout: Layout, env: dict[str, str]) -> list[Step]:
-        return [Step("preprocess", ["preprocess", "--manifest", str(layout.manifest), "--masks", str(layout.masks),
+        return [Step("preprocess", ["preprocess", *layout.manifest_args(), "--masks", str(layout.masks),
                                     "--dataset-out", str(layout.dataset), *PREPROCESS_FLAGS, *flags],
                      [layout.dataset])]
     return steps
@@ -142,7 +146,7 @@ def _preprocess_with(*flags: str) -> Callable[[Layout, dict[str, str]], list[Ste
 
 def _preprocess_with_params(params: str) -> Callable[[Layout, dict[str, str]], list[Step]]:
     def steps(layout: Layout, env: dict[str, str]) -> list[Step]:
-        return [Step("preprocess", [f"--params={params}", "preprocess", "--manifest", str(layout.manifest),
+        return [Step("preprocess", [f"--params={params}", "preprocess", *layout.manifest_args(),
                                     "--masks", str(layout.masks), "--dataset-out", str(layout.dataset),
                                     *PREPROCESS_FLAGS], [layout.dataset])]
     return steps

@@ -43,9 +43,9 @@ def good_layout(tmp_path_factory) -> Layout:
     for argv in (["synth", "--out", str(layout.inbreast), "--cases", "6", "--seed", "3", "--scale", "0.1"],
                  ["ingest", "--inbreast", str(layout.inbreast), "--manifest-out", str(layout.manifest),
                   "--masks-out", str(layout.masks), *INGEST_FLAGS],
-                 ["validate", "--manifest", str(layout.manifest), "--report-out", str(layout.report),
+                 ["validate", *layout.manifest_args(), "--report-out", str(layout.report),
                   *VALIDATE_FLAGS],
-                 ["preprocess", "--manifest", str(layout.manifest), "--masks", str(layout.masks),
+                 ["preprocess", *layout.manifest_args(), "--masks", str(layout.masks),
                   "--dataset-out", str(layout.dataset), *PREPROCESS_FLAGS]):
         result = run_cli(argv, {})
         assert result.returncode == 0, result.stderr

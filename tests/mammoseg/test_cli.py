@@ -1,6 +1,11 @@
-"""The command line itself: help for every stage, --params in both spellings, one-line user errors."""
+"""The command line itself: help for every stage, --params in both spellings, one-line user errors, no kfp."""
 
 from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +25,8 @@ def test_every_stage_help_renders(stage, capsys):
 def test_params_file_is_read_in_both_spellings(spelling, tmp_path, capsys):
     missing = tmp_path / "nowhere.yaml"
     args = ["--params", str(missing)] if spelling == "separate" else [f"--params={missing}"]
-    code = main([*args, "preprocess", "--manifest", "m.parquet", "--masks", "m", "--dataset-out", str(tmp_path / "d")])
+    code = main([*args, "preprocess", "--inbreast", "i", "--manifest", "m.parquet", "--masks", "m", "--dataset-out",
+                 str(tmp_path / "d")])
     assert code == 2
     assert f"{missing}: params file not found" in capsys.readouterr().err
     custom = tmp_path / "params.yaml"
@@ -29,3 +35,32 @@ def test_params_file_is_read_in_both_spellings(spelling, tmp_path, capsys):
         main([*(["--params", str(custom)] if spelling == "separate" else [f"--params={custom}"]), "preprocess",
               "--help"])
     assert "default: 384" in capsys.readouterr().out
+
+
+# What only the pipeline's own command (pipelines/, the `pipeline` extra) may import.
+ORCHESTRATION = {"kfp", "kfp_server_api", "pipelines", "components"}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level names of every module a file imports, anywhere in its body (lazy imports too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+              and not node.level}
+    return {name.split(".")[0] for name in names}
+
+
+def test_the_core_never_imports_orchestration():
+    """A stage image has no kfp: mammoseg and model must run without it (and without pipelines/)."""
+    files = sorted([*(REPO_ROOT / "mammoseg").rglob("*.py"), *(REPO_ROOT / "model").rglob("*.py")])
+    assert len(files) > 20
+    offenders = {file.relative_to(REPO_ROOT).as_posix(): sorted(_imported_packages(file) & ORCHESTRATION)
+                 for file in files if _imported_packages(file) & ORCHESTRATION}
+    assert offenders == {}
+    # And at run time, with kfp unimportable: every stage's help renders; the pipeline is another command.
+    for argv, code, says in [*(([stage, "--help"], 0, f"usage: mammoseg {stage}") for stage in STAGES),
+                             (["pipeline", "compile"], 2, "invalid choice: 'pipeline'")]:
+        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['kfp'] = None; "
+                               f"from mammoseg.cli import main; sys.exit(main({argv!r}))"],
+                              capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        assert proc.returncode == code and says in proc.stdout + proc.stderr, (argv, proc.stderr[-2000:])

@@ -57,7 +57,9 @@ def test_manifest_and_masks(inbreast_folder, tmp_path, config, caplog):
     assert pd.isna(spiculated.acr) and spiculated.n_mass == 1 and spiculated.n_other == 1
     assert spiculated.n_points_out_of_bounds == 2 and spiculated.mass_px == 11 * 8  # clipped at x = 47
     assert (first.rows, first.columns) == (64, 48)
-    assert len(first.dicom_sha256) == 64 and Path(first.dicom_path).is_file()
+    # Named inside the INbreast folder, never by an absolute path (validate and preprocess join them).
+    assert first.dicom_path == f"AllDICOMs/20586908_{PATIENT_A}_MG_R_CC_ANON.dcm"
+    assert len(first.dicom_sha256) == 64 and (folder.root / first.dicom_path).is_file()
     mass = np.array(Image.open(mask_path(result.masks_dir, "20586908", "mass")))
     assert mass.dtype == bool and mass.shape == (64, 48) and mass[10:20, 10:20].all() and mass.sum() == 100
     calc = np.array(Image.open(mask_path(result.masks_dir, "20586908", "calcification")))
@@ -91,16 +93,26 @@ def test_rejects_what_is_bad_and_keeps_the_rest(inbreast_folder, tmp_path, confi
     assert "file name says L MLO, the table says L CC" in reasons["30000004"]
     assert "not a DICOM file" in reasons["30000005"]
     assert "file name is not" in reasons[""]
-    assert reasons["30000006"] == (f"{folder.root / 'AllXML' / '30000006.xml'}: ROI 0 ('Calcification'): "
+    # Stored inside the INbreast folder, as every path in the list.
+    assert reasons["30000006"] == ("AllXML/30000006.xml: ROI 0 ('Calcification'): "
                                    "Point_px[0] '(1.5.6, 200)' is not a point '(x, y)'")
+    # The row without a DICOM names the folder; the others their files.
+    assert {"AllDICOMs", "AllDICOMs/readme_MG.dcm"} <= set(rejected["file"])
+    assert all(not Path(file).is_absolute() and (folder.root / file).exists() for file in rejected["file"])
     assert "30000007.xml: ROI 0 ('Mass'): Point_px is empty" in reasons["30000007"]
     for image_id in ("30000003", "30000006", "30000007"):
         assert not mask_path(tmp_path / "masks", image_id, "calcification").exists()
 
 
 def _rejections_by_file(manifest: Path) -> dict[str, str]:
+    """The rejected list as {file: reason}; files are named inside the INbreast folder (AllDICOMs/...)."""
     rejected = pd.read_csv(rejected_list_path(manifest), dtype=str).fillna("")
     return dict(zip(rejected["file"], rejected["reason"], strict=True))
+
+
+def _listed(path: Path) -> str:
+    """How the rejected list names a file of the INbreast folder."""
+    return f"AllDICOMs/{path.name}"
 
 
 def test_duplicate_image_id_that_cannot_be_told_apart_rejects_every_file(inbreast_folder, tmp_path, config,
@@ -114,10 +126,10 @@ def test_duplicate_image_id_that_cannot_be_told_apart_rejects_every_file(inbreas
     assert manifest["image_id"].tolist() == ["20586960", "22678646"]
     assert set(manifest["patient_id"]) == {PATIENT_A, PATIENT_B}  # no patient made up by the copy
     reasons = _rejections_by_file(result.manifest)
-    assert set(reasons) == {str(genuine), str(copy)}  # one row per file, no "row without a DICOM"
-    assert reasons[str(genuine)] == (f"image id 20586908 is also used by {copy.name}; cannot tell which file is "
+    assert set(reasons) == {_listed(genuine), _listed(copy)}  # one row per file, no "row without a DICOM"
+    assert reasons[_listed(genuine)] == (f"image id 20586908 is also used by {copy.name}; cannot tell which file is "
                                      "the image (all of them match the table row (R CC)), all rejected")
-    assert genuine.name in reasons[str(copy)] and "all rejected" in reasons[str(copy)]
+    assert genuine.name in reasons[_listed(copy)] and "all rejected" in reasons[_listed(copy)]
     summary = [r.getMessage() for r in caplog.records if "is used by 2 DICOM files" in r.getMessage()]
     assert summary == [f"image id 20586908 is used by 2 DICOM files ({copy.name}, {genuine.name}): all rejected, "
                        "all of them match the table row (R CC)"]
@@ -131,8 +143,8 @@ def test_duplicate_image_id_keeps_the_only_file_that_matches_the_table(inbreast_
         result = run(config, folder.root, tmp_path / "manifest.parquet", tmp_path / "masks")
     manifest = pd.read_parquet(result.manifest).set_index("image_id")
     assert manifest.loc["20586908", "patient_id"] == PATIENT_A and manifest.loc["20586908", "n_mass"] == 1
-    assert Path(manifest.loc["20586908", "dicom_path"]) == genuine.resolve()
-    assert _rejections_by_file(result.manifest) == {str(copy): (
+    assert manifest.loc["20586908", "dicom_path"] == _listed(genuine)
+    assert _rejections_by_file(result.manifest) == {_listed(copy): (
         f"image id 20586908 is also used by {genuine.name}, kept because it matches the table row (R CC); "
         "this file says L MLO")}
     summary = [r.getMessage() for r in caplog.records if "is used by 2 DICOM files" in r.getMessage()]

@@ -263,9 +263,13 @@ def test_splits_with_too_few_patients_per_class_say_how_many():
 # --- the stage --------------------------------------------------------------------------------------
 
 
-def _write_dataset(root: Path, patients: int = 9, rows: int = 400, columns: int = 320) -> tuple[Path, Path]:
+def _write_dataset(root: Path, patients: int = 9, rows: int = 400, columns: int = 320) -> tuple[Path, Path, Path]:
     """Write DICOMs, ingest-style masks and a manifest: patient i has a mass when i % 3 != 2, and
-    calcifications when i % 3 != 1, on its left CC; its right CC is normal."""
+    calcifications when i % 3 != 1, on its left CC; its right CC is normal.
+
+    Returns:
+        The raw folder (the manifest's DICOM paths are relative to it), the manifest, the masks.
+    """
     masks_dir = root / "masks"
     masks_dir.mkdir(parents=True)
     records = []
@@ -282,13 +286,14 @@ def _write_dataset(root: Path, patients: int = 9, rows: int = 400, columns: int 
                 Image.fromarray(mask).save(mask_path(masks_dir, image_id, name))
             records.append({"image_id": image_id, "patient_id": patient, "laterality": side, "view": view,
                             "acquisition_date": "201001", "acr": 2, "birads": "2", "rows": rows,
-                            "columns": columns, "dicom_path": str(dicom), "dicom_sha256": "0" * 64,
+                            "columns": columns, "dicom_path": dicom.relative_to(root).as_posix(),
+                            "dicom_sha256": "0" * 64,
                             "n_mass": int(mass.any()), "n_calcification": 2 * int(calc.any()),
                             "n_other": 0, "n_points_out_of_bounds": 0, "mass_px": int(mass.sum()),
                             "calc_px": int(calc.sum())})
     manifest = root / "manifest.parquet"
     pd.DataFrame(records, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_COLUMNS).to_parquet(manifest)
-    return manifest, masks_dir
+    return root, manifest, masks_dir
 
 
 @pytest.fixture
@@ -298,9 +303,10 @@ def config():
 
 
 def test_stage_writes_index_contract_and_loadable_examples(tmp_path, config):
-    manifest, masks_dir = _write_dataset(tmp_path / "data")
+    inbreast, manifest, masks_dir = _write_dataset(tmp_path / "data")
     out = tmp_path / "dataset"
-    code = main(["--params", str(REPO / "params.yaml"), "preprocess", "--manifest", str(manifest), "--masks",
+    code = main(["--params", str(REPO / "params.yaml"), "preprocess", "--inbreast", str(inbreast),
+                 "--manifest", str(manifest), "--masks",
                  str(masks_dir), "--dataset-out", str(out), "--size", "128", "--workers", "2",
                  "--crop-margin-px", "8"])
     assert code == 0
@@ -328,7 +334,7 @@ def test_stage_writes_index_contract_and_loadable_examples(tmp_path, config):
         back = to_original_grid(mask[1].astype(bool), Transform.from_record(row))
         assert back[full].all() if row.calc_px else not full.any()  # 1-px calcifications land back exactly
     # Same inputs and seed: the same split and the same arrays (the output is rewritten completely).
-    run(config, manifest, masks_dir, out)
+    run(config, inbreast, manifest, masks_dir, out)
     again = pd.read_parquet(out / "index.parquet")
     pd.testing.assert_frame_equal(again[["image_id", "split"]], index[["image_id", "split"]])
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "images", "index.parquet", "masks",
@@ -343,16 +349,16 @@ def test_every_input_is_label_free_and_equal_to_what_predict_computes(tmp_path, 
     from mammoseg.dicom import read_image
     from mammoseg.stages.predict import network_input
 
-    manifest, masks_dir = _write_dataset(tmp_path / "data")
+    inbreast, manifest, masks_dir = _write_dataset(tmp_path / "data")
     out = tmp_path / "dataset"
-    run(config, manifest, masks_dir, out)
+    run(config, inbreast, manifest, masks_dir, out)
     params = PreprocessParams.from_dict(json.loads((out / "dataset.json").read_text()))
     index = pd.read_parquet(out / "index.parquet")
     dicoms = pd.read_parquet(manifest).set_index("image_id")["dicom_path"]
     assert set(index["split"]) == set(SPLITS)
     for row in index.itertuples(index=False):  # every image of every split
         stored, _ = load_example(out, row)
-        dicom = Path(dicoms[row.image_id])
+        dicom = inbreast / dicoms[row.image_id]
         predicted = network_input(dicom, params)
         assert predicted.laterality == row.laterality
         np.testing.assert_array_equal(predicted.prepared.network_input, stored)
@@ -365,15 +371,16 @@ def test_every_input_is_label_free_and_equal_to_what_predict_computes(tmp_path, 
 
 
 def test_undecodable_dicom_is_one_line_error_and_keeps_the_old_dataset(tmp_path, config):
-    manifest, masks_dir = _write_dataset(tmp_path / "data", patients=3)
+    inbreast, manifest, masks_dir = _write_dataset(tmp_path / "data", patients=3)
     out = tmp_path / "dataset"
-    run(dataclasses.replace(config, split_fractions=[0.5, 0.0, 0.5]), manifest, masks_dir, out)
+    run(dataclasses.replace(config, split_fractions=[0.5, 0.0, 0.5]), inbreast, manifest, masks_dir, out)
     before = (out / "index.parquet").read_bytes()
-    broken = Path(pd.read_parquet(manifest)["dicom_path"].iloc[3])
+    broken = inbreast / pd.read_parquet(manifest)["dicom_path"].iloc[3]
     broken.write_bytes(b"DICM" * 100)
     result = subprocess.run(
         [sys.executable, "-m", "mammoseg.cli", "--params", str(REPO / "params.yaml"), "preprocess",
-         "--manifest", str(manifest), "--masks", str(masks_dir), "--dataset-out", str(out), "--size", "128",
+         "--inbreast", str(inbreast), "--manifest", str(manifest), "--masks", str(masks_dir),
+         "--dataset-out", str(out), "--size", "128",
          "--split-fractions", "0.5", "0.0", "0.5"],
         capture_output=True, text=True, check=False)
     assert result.returncode == 2
@@ -385,27 +392,48 @@ def test_undecodable_dicom_is_one_line_error_and_keeps_the_old_dataset(tmp_path,
 
 
 def test_stage_refuses_bad_inputs(tmp_path, config):
-    manifest, masks_dir = _write_dataset(tmp_path / "data", patients=3)
+    inbreast, manifest, masks_dir = _write_dataset(tmp_path / "data", patients=3)
     with pytest.raises(UserError, match="need at least 3 each"):
-        run(config, manifest, masks_dir, tmp_path / "dataset")
+        run(config, inbreast, manifest, masks_dir, tmp_path / "dataset")
     config = dataclasses.replace(config, split_fractions=[0.5, 0.0, 0.5])
     foreign = tmp_path / "artifacts"
     (foreign / "keep.txt").parent.mkdir()
     (foreign / "keep.txt").write_text("not a dataset")
     with pytest.raises(UserError, match="not a preprocess dataset"):
-        run(config, manifest, masks_dir, foreign)
+        run(config, inbreast, manifest, masks_dir, foreign)
     ids = pd.read_parquet(manifest)["image_id"]  # 0: left breast with lesions, 1: its normal right one
     calc = mask_path(masks_dir, ids.iloc[0], "calcification")
     original = calc.read_bytes()
     Image.fromarray(np.ones((400, 320), bool)).save(calc)
     with pytest.raises(UserError, match="mask has 128000 lesion pixels, the manifest says 2"):
-        run(config, manifest, masks_dir, tmp_path / "dataset")
+        run(config, inbreast, manifest, masks_dir, tmp_path / "dataset")
     calc.write_bytes(original)
     mask_path(masks_dir, ids.iloc[1], "mass").unlink()
     with pytest.raises(UserError, match=f"{ids.iloc[1]}_mass.png: mask not found"):
-        run(config, manifest, masks_dir, tmp_path / "dataset")
+        run(config, inbreast, manifest, masks_dir, tmp_path / "dataset")
     with pytest.raises(UserError, match="manifest not found"):
-        run(config, tmp_path / "absent.parquet", masks_dir, tmp_path / "dataset")
+        run(config, inbreast, tmp_path / "absent.parquet", masks_dir, tmp_path / "dataset")
+
+
+def test_dicoms_are_found_under_the_given_folder_only(tmp_path, config):
+    inbreast, manifest, masks_dir = _write_dataset(tmp_path / "data", patients=3)
+    config = dataclasses.replace(config, split_fractions=[0.5, 0.0, 0.5])
+    frame = pd.read_parquet(manifest)
+    with pytest.raises(UserError, match=f"^{tmp_path / 'elsewhere'}: INbreast folder not found"):
+        run(config, tmp_path / "elsewhere", manifest, masks_dir, tmp_path / "dataset")
+    (tmp_path / "empty").mkdir()
+    relative = frame["dicom_path"].iloc[0]
+    with pytest.raises(UserError) as error:  # one line naming the file, the manifest and the folder
+        run(config, tmp_path / "empty", manifest, masks_dir, tmp_path / "dataset")
+    assert str(error.value) == (f"{tmp_path / 'empty' / relative}: DICOM of image {frame['image_id'].iloc[0]} not "
+                                f"found ({manifest} names it {relative} in the INbreast folder {tmp_path / 'empty'}: "
+                                "the folder ingest read?)")
+    # A manifest from before relative paths: refused, not read from wherever it once pointed.
+    frame["dicom_path"] = [str(inbreast / path) for path in frame["dicom_path"]]
+    frame.astype(MANIFEST_COLUMNS).to_parquet(manifest)
+    with pytest.raises(UserError, match="is not a path inside the INbreast folder"):
+        run(config, inbreast, manifest, masks_dir, tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists()
 
 
 @pytest.mark.slow
@@ -419,7 +447,8 @@ def test_generated_inbreast_through_ingest_and_preprocess_keeps_every_lesion(tmp
                tmp_path / "manifest.parquet", tmp_path / "masks")
     config = stage_config("preprocess", params, {"size": 128, "workers": 2})
     try:
-        result = run(config, tmp_path / "manifest.parquet", tmp_path / "masks", tmp_path / "dataset")
+        result = run(config, tmp_path / "inbreast", tmp_path / "manifest.parquet", tmp_path / "masks",
+                     tmp_path / "dataset")
     except UserError as exc:  # the generator drew too few patients with a class for three splits
         pytest.skip(str(exc))
     index = pd.read_parquet(result.index)

@@ -141,8 +141,8 @@ def test_a_champion_scored_on_another_split_is_re_scored_not_blocking(trained_mo
     from mammoseg.stages import preprocess
 
     other = tmp_path / "other-split"
-    preprocess.run(stage_config_for("preprocess", size=128, workers=1, seed=7), prepared_data.manifest,
-                   prepared_data.masks, other)
+    preprocess.run(stage_config_for("preprocess", size=128, workers=1, seed=7), prepared_data.inbreast,
+                   prepared_data.manifest, prepared_data.masks, other)
     config = stage_config_for("register", name=f"{MODEL_NAME}-resplit")
     nothing = _variant_model(trained_model, prepared_data.dataset, tmp_path, "nothing-a", -20.0)
     assert register.run(config, nothing, prepared_data.dataset).promoted
@@ -228,7 +228,8 @@ def test_evaluate_scores_exactly_what_predict_delivers(exported, trained_model, 
 
     per_image = pd.read_csv(trained_model.parent / "evaluation" / "per_image.csv", dtype={"image_id": str})
     dicoms = pd.read_parquet(prepared_data.manifest).set_index("image_id")["dicom_path"]
-    proc = _predict(["--model", str(exported), "--input", *(dicoms[i] for i in per_image["image_id"]),
+    proc = _predict(["--model", str(exported), "--input",
+                     *(str(prepared_data.inbreast / dicoms[i]) for i in per_image["image_id"]),
                      "--out", str(tmp_path / "out")], {})
     assert proc.returncode == 0, proc.stderr
     for record in per_image.itertuples(index=False):

@@ -59,16 +59,18 @@ def clean(tmp_path_factory) -> Path:
 
 
 class Dataset:
-    """A private copy of the clean dataset, with helpers that break it one way."""
+    """A private copy of the clean dataset, with helpers that break it one way.
+
+    The copy needs no edit to be read where it lies: the manifest names its DICOMs inside the INbreast
+    folder, which validate gets as an argument.
+    """
 
     def __init__(self, clean: Path, tmp_path: Path) -> None:
         self.root = tmp_path / "data"
         shutil.copytree(clean, self.root)
+        self.inbreast = self.root / "inbreast"
         self.manifest_path = self.root / "manifest.parquet"
         self.manifest = pd.read_parquet(self.manifest_path)
-        self.manifest["dicom_path"] = [str(self.root / "inbreast" / "AllDICOMs" / Path(p).name)
-                                       for p in self.manifest["dicom_path"]]
-        self.save()
 
     def save(self, manifest: pd.DataFrame | None = None) -> None:
         frame = self.manifest if manifest is None else manifest
@@ -81,8 +83,12 @@ class Dataset:
     def row(self, image_id: str) -> int:
         return int(self.manifest.index[self.manifest["image_id"] == image_id][0])
 
+    def relative(self, image_id: str) -> str:
+        """The DICOM's path as the manifest and the report store it: inside the INbreast folder."""
+        return str(self.manifest.at[self.row(image_id), "dicom_path"])
+
     def dicom(self, image_id: str) -> Path:
-        return Path(self.manifest.at[self.row(image_id), "dicom_path"])
+        return self.inbreast / self.relative(image_id)
 
     def set(self, image_id: str, **values) -> None:
         for column, value in values.items():
@@ -105,7 +111,7 @@ class Dataset:
 def _validate(dataset: Dataset, caplog, **overrides):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mammoseg"):
-        result = run(_config(**overrides), dataset.manifest_path, dataset.root.parent / "report")
+        result = run(_config(**overrides), dataset.inbreast, dataset.manifest_path, dataset.root.parent / "report")
     summary = json.loads(result.summary.read_text())
     return result, summary, {f["name"]: f for f in summary["failed"]}
 
@@ -227,7 +233,7 @@ def test_identifying_attribute_fails_naming_the_keyword_not_the_value(clean, tmp
     result, summary, failed = _validate(dataset, caplog)
     assert result.exit_code == 1 and "no_identifying_attributes" in failed
     (image,) = failed["no_identifying_attributes"]["images"]
-    assert image == {"image_id": image_id, "dicom_path": str(dataset.dicom(image_id)), "value": "InstitutionName"}
+    assert image == {"image_id": image_id, "dicom_path": dataset.relative(image_id), "value": "InstitutionName"}
     (line,) = [line for line in _error_lines(caplog) if line.startswith("FAILED critical no_identifying_attributes ")]
     assert f"{image_id} ({dataset.dicom(image_id)}: InstitutionName)" in line
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -276,7 +282,7 @@ def test_unreadable_file_names_the_path_and_the_reason(clean, tmp_path, caplog, 
     result, summary, failed = _validate(dataset, caplog)
     assert result.exit_code == 1 and "dicom_readable" in failed
     (image,) = failed["dicom_readable"]["images"]
-    assert image["image_id"] == image_id and image["dicom_path"] == str(dataset.dicom(image_id))
+    assert image["image_id"] == image_id and image["dicom_path"] == dataset.relative(image_id)
     assert image["value"].startswith(reason), image
     (line,) = [line for line in _error_lines(caplog) if line.startswith("FAILED critical dicom_readable ")]
     assert f"1 image, e.g. {image_id} ({dataset.dicom(image_id)}: {reason}" in line
@@ -321,14 +327,47 @@ def test_warnings_are_reported_and_do_not_fail(clean, tmp_path, caplog):
 
 def test_bad_manifest_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="manifest not found"):
-        run(_config(), tmp_path / "missing.parquet", tmp_path / "report")
+        run(_config(), tmp_path, tmp_path / "missing.parquet", tmp_path / "report")
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="bad.parquet: not a readable Parquet manifest"):
-        run(_config(), tmp_path / "bad.parquet", tmp_path / "report")
+        run(_config(), tmp_path, tmp_path / "bad.parquet", tmp_path / "report")
     pd.DataFrame({"image_id": ["20586908"]}).to_parquet(tmp_path / "short.parquet")
     with pytest.raises(UserError, match="short.parquet: missing manifest column"):
-        run(_config(), tmp_path / "short.parquet", tmp_path / "report")
+        run(_config(), tmp_path, tmp_path / "short.parquet", tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_wrong_inbreast_folder_is_a_user_error(clean, tmp_path, caplog):
+    dataset = Dataset(clean, tmp_path)
+    report = tmp_path / "report"
+    with pytest.raises(UserError, match=f"^{tmp_path / 'nowhere'}: INbreast folder not found"):
+        run(_config(), tmp_path / "nowhere", dataset.manifest_path, report)
+    (tmp_path / "empty").mkdir()
+    first = str(dataset.manifest["dicom_path"].iloc[0])
+    with pytest.raises(UserError) as error:  # every file missing: the folder is wrong, not the data
+        run(_config(), tmp_path / "empty", dataset.manifest_path, report)
+    assert str(error.value) == (f"{dataset.manifest_path}: none of its {len(dataset.manifest)} DICOMs is in "
+                                f"{tmp_path / 'empty'} (e.g. {first}): is --inbreast the folder ingest read?")
+    # A manifest from before relative paths is refused, not read from wherever it once pointed.
+    dataset.manifest["dicom_path"] = [str(dataset.inbreast / path) for path in dataset.manifest["dicom_path"]]
+    dataset.save()
+    with pytest.raises(UserError, match="is not a path inside the INbreast folder"):
+        run(_config(), dataset.inbreast, dataset.manifest_path, report)
+    assert not report.exists()
+
+
+def test_one_missing_dicom_fails_the_contract_naming_it(clean, tmp_path, caplog):
+    dataset = Dataset(clean, tmp_path)
+    image_id = dataset.image("n_mass > 0")
+    dataset.dicom(image_id).unlink()
+    result, summary, failed = _validate(dataset, caplog)
+    assert result.exit_code == 1 and "dicom_readable" in failed
+    (image,) = failed["dicom_readable"]["images"]
+    assert image == {"image_id": image_id, "dicom_path": dataset.relative(image_id), "value": "file not found"}
+    assert summary["manifest"] == "manifest.parquet" and summary["manifest_sha256"] == sha256_of(dataset.manifest_path)
+    # The log names the file where the user can open it: under the folder as given.
+    (line,) = [line for line in _error_lines(caplog) if line.startswith("FAILED critical dicom_readable ")]
+    assert f"{image_id} ({dataset.dicom(image_id)}: file not found)" in line
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -340,7 +379,7 @@ def test_bad_manifest_is_a_user_error(tmp_path):
 ])
 def test_bad_config_is_a_user_error(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
-        run(_config(**overrides), tmp_path / "missing.parquet", tmp_path / "report")
+        run(_config(**overrides), tmp_path, tmp_path / "missing.parquet", tmp_path / "report")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -353,7 +392,8 @@ def test_cli_exit_codes(clean, tmp_path):
     dataset = Dataset(clean, tmp_path)
     image_id = dataset.image("birads == '1'")
     dataset.set(image_id, birads="7")
-    proc = _cli("--manifest", str(dataset.manifest_path), "--report-out", str(tmp_path / "report"),
+    proc = _cli("--inbreast", str(dataset.inbreast), "--manifest", str(dataset.manifest_path),
+                "--report-out", str(tmp_path / "report"),
                 "--allowed-sizes", *SIZES, "--min-images", "8", "--min-patients", "3")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -361,7 +401,8 @@ def test_cli_exit_codes(clean, tmp_path):
     assert len(failed) == 1 and "birads_known expect_column_values_to_be_in_set(birads)" in failed[0]
     assert f"1 image, e.g. {image_id}" in failed[0]
 
-    proc = _cli("--manifest", str(tmp_path / "nope.parquet"), "--report-out", str(tmp_path / "report"))
+    proc = _cli("--inbreast", str(dataset.inbreast), "--manifest", str(tmp_path / "nope.parquet"),
+                "--report-out", str(tmp_path / "report"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"mammoseg: error: {tmp_path / 'nope.parquet'}: manifest not found"]

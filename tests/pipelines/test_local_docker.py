@@ -3,7 +3,7 @@
 Starts the Docker engine (scripts/docker_engine.sh: installs docker.io + debootstrap when missing),
 builds the image offline on a debootstrapped Debian base (scripts/build_image.sh; an image whose content
 hash is already in the engine is reused), pushes a small generated dataset to a DVC remote in the
-session's moto S3, and runs `mammoseg pipeline run --local` against the session's real MLflow server:
+session's moto S3, and runs `mammoseg-pipeline run --local` against the session's real MLflow server:
 the containers share the host network to reach both on 127.0.0.1. Skipped, with the reason, only when no
 engine can be started here.
 """
@@ -87,8 +87,8 @@ def pipeline_root(tmp_path_factory) -> Path:
 
 def _run_pipeline(image: str, dvc_data: tuple[str, str], root: Path, servers_env: dict, *overrides: str):
     env = {**os.environ, **servers_env}
-    argv = [sys.executable, "-m", "mammoseg.cli", "--params", str(REPO_ROOT / "params.yaml"), "pipeline", "run",
-            "--local", "--cache", "--image", image, "--pipeline-root", str(root), "--data-uri", dvc_data[0],
+    argv = [sys.executable, "-m", "pipelines", "--params", str(REPO_ROOT / "params.yaml"), "run", "--local",
+            "--cache", "--image", image, "--pipeline-root", str(root), "--data-uri", dvc_data[0],
             "--data-hash", dvc_data[1]]
     for override in (*OVERRIDES, *overrides):
         argv += ["--set", override]

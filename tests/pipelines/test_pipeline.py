@@ -1,18 +1,22 @@
 """The compiled pipeline: stages, dependencies, the GPU request, retries, secrets, caching parameters.
 
-Reads the IR YAML that `mammoseg pipeline compile` writes (what a KFP cluster receives).
+Reads the IR YAML that `mammoseg-pipeline compile` writes (what a KFP cluster receives).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
 
-from mammoseg.cli import PIPELINE_STAGES, main
+from mammoseg.cli import PIPELINE_STAGES, STAGES
+from pipelines.cli import main
 from tests.conftest import REPO_ROOT
 
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -23,7 +27,7 @@ SETTINGS = PARAMS["pipeline"]
 def ir(tmp_path_factory) -> tuple[dict, dict]:
     """(pipeline spec, kubernetes platform spec) compiled through the CLI with one override."""
     out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
-    assert main(["pipeline", "compile", "--output", str(out), "--set", "train.epochs=3",
+    assert main(["compile", "--output", str(out), "--set", "train.epochs=3",
                  "--image-digest", "sha256:" + "ab" * 32]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -38,12 +42,63 @@ def test_every_stage_runs_in_order_after_the_data(ir):
     tasks = _tasks(spec)
     assert set(tasks) == {"data", *PIPELINE_STAGES}
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
-    assert depends == {"data": set(), "ingest": {"data"}, "validate": {"ingest"},
-                       "preprocess": {"ingest", "validate"}, "train": {"preprocess", "validate"},
+    # validate and preprocess read the raw data itself: the manifest names the DICOMs inside it.
+    assert depends == {"data": set(), "ingest": {"data"}, "validate": {"data", "ingest"},
+                       "preprocess": {"data", "ingest", "validate"}, "train": {"preprocess", "validate"},
                        "evaluate": {"preprocess", "train"}, "export": {"preprocess", "train"},
                        "register": {"export", "evaluate", "preprocess"}}  # the gate re-scores on the dataset
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"mammoseg:cpu"}
+
+
+# A KFP placeholder: an input or output artifact's path, an input parameter, or a runtime value.
+PLACEHOLDER = re.compile(r"\{\{\$\.(?:(inputs|outputs)\.(artifacts|parameters)\['(\w+)'\](?:\.path)?"
+                         r"|pipeline_job_uuid)\}\}")
+# A path of the machine that compiled the pipeline, or of a host: absolute, home-relative, or this checkout's.
+HOST_PATH = re.compile(r"(?:^|[\s='\"(])(?:/[\w.~-]|~/|(?:\.\.?/)?(?:data|artifacts|metrics)/)")
+
+
+def test_every_command_reads_only_what_its_task_declares(ir):
+    """On a cluster a pod sees its declared input artifacts, at paths KFP chooses, and nothing else.
+
+    So every path in a task's command line is a placeholder of an artifact or parameter its component
+    declares (a file inside an artifact folder is `<placeholder>/name`); a path-valued parameter lies on
+    a volume the task mounts; and every input flag of a stage reads an input artifact.
+    """
+    spec, platform = ir
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    for name, task in _tasks(spec).items():
+        component = spec["components"][task["componentRef"]["name"]]
+        container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+        declared = {(kind, what): set(component.get(f"{'input' if kind == 'inputs' else 'output'}Definitions", {})
+                                      .get(what, {}))
+                    for kind in ("inputs", "outputs") for what in ("artifacts", "parameters")}
+        for arg in [*container["command"], *container["args"]]:
+            for match in PLACEHOLDER.finditer(arg):
+                if match.group(1):
+                    assert match.group(3) in declared[match.group(1), match.group(2)], (name, arg)
+            literal = PLACEHOLDER.sub("<placeholder>", arg)
+            assert not HOST_PATH.search(literal), (name, arg)
+        mounts = {m["mountPath"] for m in platform.get(component["executorLabel"], {}).get("pvcMount", [])}
+        for parameter, source in task["inputs"].get("parameters", {}).items():
+            value = defaults.get(source.get("componentInputParameter"), {}).get("defaultValue")
+            if isinstance(value, str) and value.startswith("/"):
+                assert any(value == m or value.startswith(m + "/") for m in mounts), (name, parameter, value)
+        if name in PIPELINE_STAGES:
+            args = container["args"]
+            for path in STAGES[name].paths:
+                if path.flag in args and not path.flag.endswith("-out"):
+                    value = args[args.index(path.flag) + 1]
+                    match = PLACEHOLDER.match(value)
+                    assert match and match.group(1, 2) == ("inputs", "artifacts"), (name, path.flag, value)
+
+
+def test_the_input_check_sees_a_hard_coded_path():
+    """HOST_PATH and PLACEHOLDER catch what the check above must refuse (a mutation check)."""
+    assert HOST_PATH.search("/data/inbreast") and HOST_PATH.search("--inbreast=data/inbreast")
+    assert HOST_PATH.search('"$(cat /etc/x)"') and HOST_PATH.search("~/inbreast")
+    assert not HOST_PATH.search(PLACEHOLDER.sub("<placeholder>", "{{$.inputs.artifacts['manifest'].path}}/m.parquet"))
+    assert not HOST_PATH.search('work="$(dirname "$3")/.dvc-fetch"')  # beside the output artifact
 
 
 def test_train_requests_a_gpu_resources_and_retries(ir):
@@ -68,16 +123,28 @@ def test_train_requests_a_gpu_resources_and_retries(ir):
     assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
 
 
-def test_secrets_are_environment_never_parameters(ir):
+def test_secrets_are_environment_never_parameters_and_only_the_tracking_uri_is_required(ir):
     spec, platform = ir
-    mlflow_keys = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    # KFP's driver puts each mapping's `optional` on every key's secretKeyRef (backend/src/v2/driver/k8s.go,
+    # KFP 2.15+); Kubernetes then leaves out a key, or a whole secret, that is absent instead of failing the
+    # pod: MLflow without credentials and S3 through the node's role need no keys.
     for stage in ("train", "evaluate", "export", "register"):
-        (secret,) = platform[f"exec-{stage}"]["secretAsEnv"]
-        assert secret["secretName"] == SETTINGS["mlflow_secret"]
-        assert [(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]] == [(k, k) for k in mlflow_keys]
+        secrets = platform[f"exec-{stage}"]["secretAsEnv"]
+        assert {secret["secretName"] for secret in secrets} == {SETTINGS["mlflow_secret"]}
+        assert {(key["secretKey"], key["envVar"], secret["optional"]) for secret in secrets
+                for key in secret["keyToEnv"]} == {("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", False),
+                                                   ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME", True),
+                                                   ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD", True)}
     (secret,) = platform["exec-data"]["secretAsEnv"]
-    assert secret["secretName"] == SETTINGS["s3_secret"]
-    assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert secret["secretName"] == SETTINGS["s3_secret"] and secret["optional"] is True
+    assert [(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]] == [(k, k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")]
+    # The driver reads this config with the same message type: every field is one it knows.
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+
+    for executor in platform.values():
+        json_format.ParseDict(executor, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     text = json.dumps(parameters).upper()
     assert not any(word in text for word in ("PASSWORD", "SECRET", "ACCESS_KEY", "TRACKING_URI"))
@@ -110,21 +177,44 @@ def test_each_stage_gets_its_own_params_block(ir):
         assert block == {stage: expected}
 
 
-def test_compiling_imports_no_torch(tmp_path):
-    code = ("import sys; from pathlib import Path; from mammoseg.cli import main; "
-            f"assert main(['pipeline', 'compile', '--output', {str(tmp_path / 'p.yaml')!r}]) == 0; "
-            "assert 'torch' not in sys.modules, 'torch imported'; "
+def test_compiling_imports_neither_torch_nor_mammoseg(tmp_path):
+    code = ("import sys; from pathlib import Path; from pipelines.cli import main; "
+            f"assert main(['compile', '--output', {str(tmp_path / 'p.yaml')!r}]) == 0; "
             "from pipelines.settings import load_compile_inputs; from pipelines.training import compile_pipeline; "
             f"compile_pipeline(Path({str(tmp_path / 'q.yaml')!r}), load_compile_inputs()); "
-            "assert 'torch' not in sys.modules and 'mammoseg.stages' not in sys.modules")
+            "imported = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mammoseg')]; "
+            "assert not imported, imported")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / "q.yaml").read_text()
 
 
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_the_pipeline_has_its_own_command_and_kfp_is_its_extra(tmp_path):
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    # The images install `dependencies` only (scripts/build_image.sh): no kfp in a stage's image.
+    assert not _requirement_names(project["dependencies"]) & {"kfp", "kfp-kubernetes"}
+    assert {"kfp", "kfp-kubernetes"} <= _requirement_names(project["optional-dependencies"]["pipeline"])
+    assert project["scripts"] == {"mammoseg": "mammoseg.cli:main", "mammoseg-pipeline": "pipelines.__main__:main"}
+    script = Path(sys.executable).parent / "mammoseg-pipeline"
+    proc = subprocess.run([str(script), "compile", "--output", str(tmp_path / "p.yaml")], capture_output=True,
+                          text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "p.yaml"), proc.stderr[-2000:]
+    # Where the extra is missing (a stage image), the command says what to install, in one line.
+    code = ("import sys; sys.modules['kfp'] = None; sys.argv = ['mammoseg-pipeline', 'compile']; "
+            "from pipelines.__main__ import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg-pipeline: error: kfp and kfp-kubernetes are not installed; they come with the pipeline extra: "
+        "pip install 'mammoseg[pipeline]'"]
+
+
 def test_image_reference_is_replaced_on_every_task(tmp_path):
     out = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
+    assert main(["compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.local/mammoseg:cuda-1"}
@@ -136,7 +226,7 @@ def test_image_reference_is_replaced_on_every_task(tmp_path):
     ("train.epochs=[1", "the value is not YAML"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message, tmp_path, capsys):
-    assert main(["pipeline", "compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
+    assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p.yaml").exists()
@@ -165,7 +255,7 @@ def test_submit_creates_a_run_or_a_recurring_run(tmp_path):
     from pipelines.submit import submit
 
     package = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "--output", str(package)]) == 0
+    assert main(["compile", "--output", str(package)]) == 0
     client = _FakeClient()
     done = submit(package, "http://kfp", "mammoseg", {"data_hash": "h.dir"}, "nightly", client=client)
     assert (done.kind, done.id, done.experiment) == ("run", "run-1", "exp-1")
@@ -191,6 +281,6 @@ def test_submit_to_an_unreachable_endpoint_is_a_one_line_error(tmp_path, capsys)
     from tests.conftest import free_port
 
     host = f"http://127.0.0.1:{free_port()}"
-    assert main(["pipeline", "submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
+    assert main(["submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"mammoseg pipeline: error: KFP endpoint {host} unreachable")
+    assert err.startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
