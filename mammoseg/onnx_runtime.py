@@ -34,7 +34,7 @@ class Session:
         """Run the model.
 
         Args:
-            images: (N, 1, H, W) float32 in [0, 1].
+            images: (N, C, H, W) float32 in [0, 1] (C: the contract's input channels).
 
         Returns:
             (N, 2, H, W) float32 logits.
@@ -42,6 +42,20 @@ class Session:
         input_name = self.session.get_inputs()[0].name
         (logits,) = self.session.run(None, {input_name: np.ascontiguousarray(images, np.float32)})
         return np.asarray(logits, np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Run the model and apply its output activation (the I/O contract's sigmoid).
+
+        The one place logits become probabilities: predict, register's re-scoring and the served
+        model (mammoseg.serving) all call it, so the three agree to the bit on the same input.
+
+        Args:
+            images: (N, C, H, W) float32 in [0, 1].
+
+        Returns:
+            (N, 2, H, W) float32 probabilities [mass, calcification].
+        """
+        return sigmoid(self.run(images))
 
 
 def open_session(path: Path, threads: int = 0, prefer_cuda: bool = True) -> Session:

@@ -27,7 +27,7 @@ from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
 from mammoseg.fileio import write_atomically
 from mammoseg.inbreast import parse_dicom_name
-from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.onnx_runtime import open_session, read_io_spec
 from mammoseg.overlays import overlay_rgb, save_png
 from mammoseg.preprocessing import (
     Preprocessed,
@@ -224,8 +224,8 @@ def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.nd
     prepared_input = network_input(path, params)
     pixels, side, source = prepared_input.pixels, prepared_input.laterality, prepared_input.laterality_source
     prepared = prepared_input.prepared
-    logits = session.run(prepared.network_input[None])[0]
-    original = masks_on_dicom_grid(sigmoid(logits), prepared.transform, threshold)  # (2, rows, columns)
+    probabilities = session.probabilities(prepared.network_input[None])[0]  # (2, size, size)
+    original = masks_on_dicom_grid(probabilities, prepared.transform, threshold)  # (2, rows, columns)
     label = np.zeros(original.shape[1:], np.uint8)
     label[original[0]] = MASK_VALUES["mass"]
     label[original[1]] = MASK_VALUES["calcification"]  # calcification wins where both are set

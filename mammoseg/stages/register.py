@@ -36,7 +36,7 @@ from mammoseg.data import read_dataset
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.metrics import paired_bootstrap
-from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.onnx_runtime import open_session, read_io_spec
 from mammoseg.preprocessing import PreprocessParams
 from mammoseg.stages.evaluate import TARGETS, score_native
 from mammoseg.stages.export import report_path_for
@@ -133,11 +133,6 @@ class ChampionComparison:
                          "lower bound must be > 0", self.passed)
 
 
-def _onnx_probabilities(path: Path, threads: int):
-    session = open_session(path, threads=threads)
-    return lambda images: sigmoid(session.run(images))
-
-
 def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spec: dict[str, Any],
                           champion: tracking.ModelVersion) -> ChampionComparison:
     """Re-score the champion's and the challenger's ONNX models on the challenger's test split.
@@ -164,7 +159,7 @@ def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spe
                                              f"{contract.get('size')}); register it under another name")
         scores = {}
         for role, path, model_spec in (("challenger", onnx, spec), ("champion", champion_onnx, champion_spec)):
-            scores[role] = score_native(dataset, test_rows, _onnx_probabilities(path, config.threads),
+            scores[role] = score_native(dataset, test_rows, open_session(path, threads=config.threads).probabilities,
                                         np.asarray(model_spec["threshold"], np.float32), config.batch_size,
                                         desc=f"re-score {role}")
     paired = paired_bootstrap(scores["challenger"].counts["all"], scores["champion"].counts["all"],
