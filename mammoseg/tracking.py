@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -366,19 +366,29 @@ def create_version(name: str, model_uri: str, run_id: str, tags: Mapping[str, An
     return _version(version)
 
 
-def version_by_alias(name: str, alias: str) -> ModelVersion | None:
-    """Return the version an alias points to, or None when the alias (or the model) does not exist."""
+def _lookup_version(action: str, lookup: Callable[[Any], Any]) -> ModelVersion | None:
+    """Run a registry lookup on a client; None when what it looks for does not exist."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     _configure()
-    with _server_errors(f"reading {name}@{alias}"):
+    with _server_errors(action):
         try:
-            return _version(mlflow.MlflowClient().get_model_version_by_alias(name, alias))
+            return _version(lookup(mlflow.MlflowClient()))
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
                 return None
             raise
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """Return the version an alias points to, or None when the alias (or the model) does not exist."""
+    return _lookup_version(f"reading {name}@{alias}", lambda client: client.get_model_version_by_alias(name, alias))
+
+
+def model_version(name: str, version: str) -> ModelVersion | None:
+    """Return one version of a registered model, or None when it (or the model) does not exist."""
+    return _lookup_version(f"reading {name} version {version}", lambda client: client.get_model_version(name, version))
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -39,8 +39,8 @@ def _network_inputs(prepared_data, exported: Path, count: int) -> np.ndarray:
 
 def _predicts_probabilities(images: np.ndarray, tmp_path: Path) -> np.ndarray:
     """What predict computes for these network inputs: the champion it resolves, its session call."""
-    onnx_path = predict.resolve_model(CHAMPION, tmp_path / "download")
-    expected = open_session(onnx_path, threads=1).probabilities(images)
+    resolved = predict.resolve_model(CHAMPION, tmp_path / "download")
+    expected = open_session(resolved.onnx_path, threads=1).probabilities(images)
     # The 2-epoch model sits near its 0.01 foreground prior; a spread of ~1e-3 across pixels and
     # classes is what makes a constant, logit or class-swapped answer fail at TOLERANCE.
     assert expected.max() - expected.min() > 5 * TOLERANCE, "a near-constant output makes the comparison vacuous"
