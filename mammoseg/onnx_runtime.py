@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ IO_SPEC_KEY = "mammoseg.io_spec"
 class Session:
     """An ONNX Runtime session and the execution provider it really runs on."""
 
+    engine: ClassVar[str] = "onnxruntime"  # what predict's audit record names as the engine
+
     session: Any
     provider: str
     requested: tuple[str, ...]
@@ -34,7 +36,7 @@ class Session:
         """Run the model.
 
         Args:
-            images: (N, 1, H, W) float32 in [0, 1].
+            images: (N, C, H, W) float32 in [0, 1] (C: the contract's input channels).
 
         Returns:
             (N, 2, H, W) float32 logits.
@@ -42,6 +44,20 @@ class Session:
         input_name = self.session.get_inputs()[0].name
         (logits,) = self.session.run(None, {input_name: np.ascontiguousarray(images, np.float32)})
         return np.asarray(logits, np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Run the model and apply its output activation (the I/O contract's sigmoid).
+
+        The one place logits become probabilities: predict, register's re-scoring and the served
+        model (mammoseg.serving) all call it, so the three agree to the bit on the same input.
+
+        Args:
+            images: (N, C, H, W) float32 in [0, 1].
+
+        Returns:
+            (N, 2, H, W) float32 probabilities [mass, calcification].
+        """
+        return sigmoid(self.run(images))
 
 
 def open_session(path: Path, threads: int = 0, prefer_cuda: bool = True) -> Session:
@@ -78,19 +94,23 @@ def open_session(path: Path, threads: int = 0, prefer_cuda: bool = True) -> Sess
     return Session(session, provider, tuple(requested), fell_back)
 
 
+def _load(path: Path):
+    """Load an ONNX model's graph and metadata (weights stored outside the file are not read)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
+        raise UserError(f"{path}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
+
+
 def read_io_spec(path: Path) -> dict[str, Any]:
     """Return the I/O contract stored in an exported model's metadata.
 
     Raises:
         UserError: the model has no mammoseg I/O contract.
     """
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for a file that is not a model
-        raise UserError(f"{path}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
-    for prop in model.metadata_props:
+    for prop in _load(path).metadata_props:
         if prop.key == IO_SPEC_KEY:
             return json.loads(prop.value)
     raise UserError(f"{path}: no {IO_SPEC_KEY} metadata (was it exported by `mammoseg export`?)")
@@ -99,3 +119,22 @@ def read_io_spec(path: Path) -> dict[str, Any]:
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Return 1 / (1 + exp(-logits)) in float32, without overflow warnings for large |logits|."""
     return (0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float32)))).astype(np.float32)
+
+
+def variant_of(path: Path) -> str:
+    """Return which of export's variants an ONNX file is, read from its graph, not its name.
+
+    Returns:
+        "int8" (quantize/dequantize nodes), "fp16" (float16 weights) or "fp32".
+
+    Raises:
+        UserError: the file is not an ONNX model.
+    """
+    import onnx
+
+    graph = _load(path).graph
+    if {"QuantizeLinear", "DequantizeLinear"} & {node.op_type for node in graph.node}:
+        return "int8"
+    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
+        return "fp16"
+    return "fp32"

@@ -14,10 +14,11 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mammoseg.errors import UserError
@@ -293,25 +294,48 @@ def _version(entity) -> ModelVersion:
     return ModelVersion(entity.name, str(entity.version), entity.run_id or "", dict(entity.tags or {}))
 
 
-def log_onnx_model(run_id: str, onnx_path: Path, input_example) -> str:
-    """Log an ONNX file with MLflow's ONNX flavour (signature + input example) into a run.
+@dataclasses.dataclass(frozen=True)
+class PyfuncModel:
+    """A model to log in MLflow's `loader_module` form, with float32 tensors in and out.
+
+    Attributes:
+        loader_module: the importable module whose `_load_pyfunc(data_path)` opens the model.
+        data_path: the file it opens, copied into the logged model byte for byte.
+        inputs: tensor name -> shape, -1 for a free dimension (the signature).
+        outputs: tensor name -> shape, -1 for a free dimension.
+        input_example: tensor name -> array, stored with the model; MLflow serves it once on logging.
+        requirements: pip requirement lines (requirements.txt of the logged model).
+        metadata: JSON-ready values stored in the MLmodel file, readable through get_model_info.
+    """
+
+    loader_module: str
+    data_path: Path
+    inputs: Mapping[str, tuple[int, ...]]
+    outputs: Mapping[str, tuple[int, ...]]
+    input_example: Mapping[str, np.ndarray]
+    requirements: tuple[str, ...]
+    metadata: Mapping[str, Any]
+
+
+def log_pyfunc_model(run_id: str, model: PyfuncModel) -> str:
+    """Log a pyfunc model into a run, its signature a float32 tensor spec.
 
     Returns:
         The logged model's URI, to register from.
     """
     import mlflow
-    import mlflow.onnx
-    import onnx
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    from mammoseg.onnx_runtime import open_session
+    def schema(tensors: Mapping[str, tuple[int, ...]]) -> Schema:
+        return Schema([TensorSpec(np.dtype(np.float32), shape, name) for name, shape in tensors.items()])
 
-    output_example = open_session(onnx_path, prefer_cuda=False).run(input_example)
-    signature = infer_signature(input_example, output_example)
-    with continue_run(run_id), _server_errors(f"uploading {onnx_path}"):
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx-model", signature=signature,
-                                     input_example=input_example, save_as_external_data=False,
-                                     onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    signature = ModelSignature(inputs=schema(model.inputs), outputs=schema(model.outputs))
+    with continue_run(run_id), _server_errors(f"uploading {model.data_path}"):
+        info = mlflow.pyfunc.log_model(name="model", loader_module=model.loader_module,
+                                       data_path=str(model.data_path), signature=signature,
+                                       input_example=dict(model.input_example),
+                                       pip_requirements=list(model.requirements), metadata=dict(model.metadata))
     return info.model_uri
 
 
@@ -342,19 +366,29 @@ def create_version(name: str, model_uri: str, run_id: str, tags: Mapping[str, An
     return _version(version)
 
 
-def version_by_alias(name: str, alias: str) -> ModelVersion | None:
-    """Return the version an alias points to, or None when the alias (or the model) does not exist."""
+def _lookup_version(action: str, lookup: Callable[[Any], Any]) -> ModelVersion | None:
+    """Run a registry lookup on a client; None when what it looks for does not exist."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     _configure()
-    with _server_errors(f"reading {name}@{alias}"):
+    with _server_errors(action):
         try:
-            return _version(mlflow.MlflowClient().get_model_version_by_alias(name, alias))
+            return _version(lookup(mlflow.MlflowClient()))
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
                 return None
             raise
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """Return the version an alias points to, or None when the alias (or the model) does not exist."""
+    return _lookup_version(f"reading {name}@{alias}", lambda client: client.get_model_version_by_alias(name, alias))
+
+
+def model_version(name: str, version: str) -> ModelVersion | None:
+    """Return one version of a registered model, or None when it (or the model) does not exist."""
+    return _lookup_version(f"reading {name} version {version}", lambda client: client.get_model_version(name, version))
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

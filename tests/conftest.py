@@ -305,6 +305,27 @@ def exported(trained_model, prepared_data, mlflow_server, tmp_path_factory) -> P
     return out
 
 
+SERVED_MODEL = "mammoseg-served"
+
+
+@pytest.fixture(scope="session")
+def served_champion(exported, prepared_data, mlflow_server) -> str:
+    """`exported` registered as SERVED_MODEL and pointed at by @champion; returns its version.
+
+    The 2-epoch model fails the gate (it stays @challenger), so the alias is set by hand: serving and
+    the audit record concern the registered artifact, not the gate, and a trained model's
+    probabilities vary across the image, so a swapped channel or a logit served as a probability shows.
+    """
+    from mammoseg import tracking
+    from mammoseg.stages import register
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        version = register.run(stage_config_for("register", name=SERVED_MODEL), exported, prepared_data.dataset).version
+        tracking.set_alias(SERVED_MODEL, "champion", version)
+    return version
+
+
 @pytest.fixture(scope="session")
 def mlflow_auth_server(s3_server, tmp_path_factory) -> Server:
     """A real `mlflow server --app-name basic-auth` (admin user from its config file)."""

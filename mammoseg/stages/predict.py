@@ -3,8 +3,10 @@
 The model comes from the registry (`models:/NAME@champion`, `models:/NAME/VERSION`) or a local
 .onnx file; its metadata carries the preprocessing contract and the threshold, so nothing else is
 configured. For each input: `<stem>_mask.png` (mass = 1, calcification = 2 on the original grid and
-orientation; 0 elsewhere), `<stem>_overlay.png` and `<stem>_seg.dcm`, a DICOM SEG that references the
-source image so PACS viewers can display it.
+orientation; 0 elsewhere), `<stem>_overlay.png`, `<stem>_seg.dcm`, a DICOM SEG that references the
+source image so PACS viewers can display it, and `<stem>.json`, the audit record: the registered
+name, version and alias resolved, the ONNX sha256, engine, variant and provider, the preprocessing
+transform.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +28,9 @@ from mammoseg import __version__, tracking
 from mammoseg.config import PredictConfig
 from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
-from mammoseg.fileio import write_atomically
+from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.inbreast import parse_dicom_name
-from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.onnx_runtime import open_session, read_io_spec, variant_of
 from mammoseg.overlays import overlay_rgb, save_png
 from mammoseg.preprocessing import (
     Preprocessed,
@@ -51,23 +54,68 @@ class PredictResult:
     out_dir: Path
 
 
-def resolve_model(model: str, work_dir: Path) -> Path:
-    """Return a local .onnx path for a model reference, downloading registry models into work_dir.
+# The registry references predict takes; the version an alias names is read first, and that version
+# is downloaded, so the audit record names what ran even when the alias moves during the call.
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """The exact model a predict call runs and where it came from (its audit record).
+
+    Attributes:
+        uri: the reference as given: models:/NAME@ALIAS, models:/NAME/VERSION or a file path.
+        onnx_path: the local .onnx file that runs.
+        onnx_sha256: that file's sha256.
+        variant: what the file is: "fp32", "int8" or "fp16" (export's variant names).
+        registered_name: the registered model's name; None for a local file.
+        version: the version the reference resolved to; None for a local file.
+        alias: the alias it resolved through; None for a version or a local file.
+    """
+
+    uri: str
+    onnx_path: Path
+    onnx_sha256: str
+    variant: str
+    registered_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """Return the JSON-ready audit fields (the local path is left out: it is a temporary download)."""
+        return {"uri": self.uri, "registered_name": self.registered_name, "version": self.version,
+                "alias": self.alias, "onnx_sha256": self.onnx_sha256, "variant": self.variant}
+
+
+def resolve_model(model: str, work_dir: Path) -> ResolvedModel:
+    """Resolve a model reference to a local .onnx file, downloading registry models into work_dir.
 
     Raises:
-        UserError: the reference is neither an existing .onnx file nor a models:/ URI, or the
-            registered model holds no .onnx file.
+        UserError: the reference is neither an existing .onnx file nor a models:/NAME@ALIAS or
+            models:/NAME/VERSION URI, the registry has no such model, or the downloaded file is
+            not the one the registry recorded (its onnx_sha256 tag).
     """
-    if model.startswith("models:/"):
-        local = tracking.download_model_artifacts(model, work_dir)
-        candidates = sorted(local.rglob("*.onnx"))
+    match = _REGISTRY_URI.match(model)
+    if match:
+        name, alias = match["name"], match["alias"]
+        found = (tracking.version_by_alias(name, alias) if alias else tracking.model_version(name, match["version"]))
+        if found is None:
+            raise UserError(f"{model}: no such registered model, version or alias")
+        local = tracking.download_model_artifacts(f"models:/{name}/{found.version}", work_dir)
+        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
         if not candidates:
             raise UserError(f"{model}: the registered model holds no .onnx file")
-        return candidates[0]
+        onnx_path = candidates[0]
+        digest = sha256_of(onnx_path)
+        recorded = found.tags.get("onnx_sha256")
+        if recorded and recorded != digest:
+            raise UserError(f"{model}: version {found.version}'s .onnx has sha256 {digest[:12]}..., the registry "
+                            f"recorded {recorded[:12]}... at registration; refusing a model that changed")
+        return ResolvedModel(model, onnx_path, digest, variant_of(onnx_path), name, found.version, alias)
     path = Path(model)
     if path.suffix != ".onnx" or not path.is_file():
         raise UserError(f"{model}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI, nor an existing .onnx file")
-    return path
+    return ResolvedModel(model, path, sha256_of(path), variant_of(path))
 
 
 def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray,
@@ -174,16 +222,20 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
                         "other's outputs; segment them in separate calls")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
-        onnx_path = resolve_model(model, Path(download_dir))
-        spec = read_io_spec(onnx_path)
-        session = open_session(onnx_path, threads=config.threads)
-        log.info("model %s (run %s) on %s%s", model, spec.get("training_run_id"), session.provider,
+        resolved = resolve_model(model, Path(download_dir))
+        spec = read_io_spec(resolved.onnx_path)
+        session = open_session(resolved.onnx_path, threads=config.threads)
+        registered = f" = {resolved.registered_name} version {resolved.version}" if resolved.version else ""
+        log.info("model %s%s (run %s, %s, sha256 %s) on %s %s%s", model, registered, spec.get("training_run_id"),
+                 resolved.variant, resolved.onnx_sha256[:12], session.engine, session.provider,
                  " (fell back from CUDA)" if session.fell_back else "")
         params = PreprocessParams.from_dict(spec["preprocessing"])
         threshold = np.asarray(spec["threshold"], np.float32)  # one per class
+        audit = {"model": {**resolved.record(), "training_run_id": spec.get("training_run_id")},
+                 "engine": session.engine, "provider": session.provider}
         started = time.perf_counter()
         for path in tqdm(files, desc="predict", unit="image", disable=None):
-            _predict_one(path, session, params, threshold, config, out, spec)
+            _predict_one(path, session, params, threshold, config, out, spec, audit)
         seconds = time.perf_counter() - started
     log.info("segmented %d image%s in %.1f s (%.2f images/s) -> %s", len(files), "" if len(files) == 1 else "s",
              seconds, len(files) / max(seconds, 1e-9), out)
@@ -219,13 +271,13 @@ def network_input(path: Path, params: PreprocessParams) -> NetworkInput:
 
 
 def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.ndarray, config: PredictConfig,
-                 out: Path, spec: dict[str, Any]) -> None:
+                 out: Path, spec: dict[str, Any], audit: dict[str, Any]) -> None:
     header = _check_mammogram(path, config.allow_for_processing)
     prepared_input = network_input(path, params)
     pixels, side, source = prepared_input.pixels, prepared_input.laterality, prepared_input.laterality_source
     prepared = prepared_input.prepared
-    logits = session.run(prepared.network_input[None])[0]
-    original = masks_on_dicom_grid(sigmoid(logits), prepared.transform, threshold)  # (2, rows, columns)
+    probabilities = session.probabilities(prepared.network_input[None])[0]  # (2, size, size)
+    original = masks_on_dicom_grid(probabilities, prepared.transform, threshold)  # (2, rows, columns)
     label = np.zeros(original.shape[1:], np.uint8)
     label[original[0]] = MASK_VALUES["mass"]
     label[original[1]] = MASK_VALUES["calcification"]  # calcification wins where both are set
@@ -237,8 +289,13 @@ def _predict_one(path: Path, session, params: PreprocessParams, threshold: np.nd
     _write_seg(header, path, original, out / f"{stem}_seg.dcm", spec)
     summary = {"input": str(path), "laterality": side, "laterality_source": source,
                "mass_px": int(original[0].sum()), "calcification_px": int(original[1].sum()),
-               "threshold": threshold.tolist(), "provider": session.provider,
-               "training_run_id": spec.get("training_run_id")}
+               "threshold": threshold.tolist(), **audit,
+               # With the contract, what makes this image's network input and maps its masks back.
+               "preprocessing": {"contract": params.to_dict(),
+                                 "transform": {key: value.item() if isinstance(value, np.generic) else value
+                                               for key, value in prepared.transform.to_record().items()},
+                                 "intensity_window": [float(prepared.intensity_low), float(prepared.intensity_high)],
+                                 "breast_found": bool(prepared.breast_found)}}
     write_atomically(out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     log.info("%s: %s breast (%s), %d mass px, %d calcification px", path.name, side, source,
              summary["mass_px"], summary["calcification_px"])

@@ -2,7 +2,8 @@
 
 Reads the .onnx and its export report, the training run's test metrics (written by evaluate) and the
 preprocessed dataset (to re-score a champion); writes a model version, its aliases, tags and
-description, and optionally a decision JSON.
+description, and optionally a decision JSON. The version is a pyfunc model (mammoseg.serving) that
+holds the .onnx byte for byte, so `mlflow models serve` answers the probabilities predict computes.
 
 The gate (params.yaml `register:`): every new version becomes @challenger. @champion moves to it only when
 
@@ -30,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from mammoseg import tracking
+from mammoseg import serving, tracking
 from mammoseg.config import RegisterConfig
 from mammoseg.data import read_dataset
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.metrics import paired_bootstrap
-from mammoseg.onnx_runtime import open_session, read_io_spec, sigmoid
+from mammoseg.onnx_runtime import open_session, read_io_spec
 from mammoseg.preprocessing import PreprocessParams
 from mammoseg.stages.evaluate import TARGETS, score_native
 from mammoseg.stages.export import report_path_for
@@ -133,11 +134,6 @@ class ChampionComparison:
                          "lower bound must be > 0", self.passed)
 
 
-def _onnx_probabilities(path: Path, threads: int):
-    session = open_session(path, threads=threads)
-    return lambda images: sigmoid(session.run(images))
-
-
 def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spec: dict[str, Any],
                           champion: tracking.ModelVersion) -> ChampionComparison:
     """Re-score the champion's and the challenger's ONNX models on the challenger's test split.
@@ -164,7 +160,7 @@ def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spe
                                              f"{contract.get('size')}); register it under another name")
         scores = {}
         for role, path, model_spec in (("challenger", onnx, spec), ("champion", champion_onnx, champion_spec)):
-            scores[role] = score_native(dataset, test_rows, _onnx_probabilities(path, config.threads),
+            scores[role] = score_native(dataset, test_rows, open_session(path, threads=config.threads).probabilities,
                                         np.asarray(model_spec["threshold"], np.float32), config.batch_size,
                                         desc=f"re-score {role}")
     paired = paired_bootstrap(scores["challenger"].counts["all"], scores["champion"].counts["all"],
@@ -226,11 +222,8 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
                    "parity": "passed",
                    "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
                    config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
-        multiple = int(spec["input"]["size_multiple"])
-        channels = int(spec.get("architecture", {}).get("in_channels", 1))
-        example = np.zeros((1, channels, multiple, multiple), np.float32)
         # Upload first, register second: an interrupted upload leaves no version behind.
-        model_uri = tracking.log_onnx_model(run_id, onnx, example)
+        model_uri = tracking.log_pyfunc_model(run_id, serving.pyfunc_model(onnx, spec))
         version = tracking.create_version(name, model_uri, run_id,
                                           {k: v for k, v in lineage.items() if v is not None})
     tracking.set_alias(name, CHALLENGER, version.version)

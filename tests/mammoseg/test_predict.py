@@ -1,4 +1,5 @@
-"""predict takes what a PACS sends: sparse headers, MONOCHROME1, compressed syntaxes, folders.
+"""predict takes what a PACS sends (sparse headers, MONOCHROME1, compressed syntaxes, folders) and
+records what ran (registered version, alias, sha256, engine, variant, preprocessing transform).
 
 Every SEG written here is checked with dicom3tools' dciodvfy where it is installed (.ci/run installs
 it); without it those checks skip, naming the package.
@@ -6,11 +7,14 @@ it); without it those checks skip, naming the package.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pydicom
 import pytest
@@ -18,8 +22,10 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from mammoseg.errors import UserError
-from mammoseg.stages import predict
-from tests.conftest import stage_config_for
+from mammoseg.onnx_runtime import read_io_spec
+from mammoseg.preprocessing import PreprocessParams, Transform
+from mammoseg.stages import export, predict
+from tests.conftest import SERVED_MODEL, stage_config_for
 
 pytestmark = pytest.mark.slow
 DCIODVFY = shutil.which("dciodvfy")
@@ -29,8 +35,8 @@ def _source(prepared_data) -> Path:
     return sorted((prepared_data.inbreast / "AllDICOMs").glob("*.dcm"))[0]
 
 
-def _predict(exported: Path, inputs: list[Path], out: Path, **overrides) -> predict.PredictResult:
-    return predict.run(stage_config_for("predict", threads=1, **overrides), str(exported), inputs, out)
+def _predict(model: Path | str, inputs: list[Path], out: Path, **overrides) -> predict.PredictResult:
+    return predict.run(stage_config_for("predict", threads=1, **overrides), str(model), inputs, out)
 
 
 def _mask(out: Path, stem: str) -> np.ndarray:
@@ -139,3 +145,51 @@ def test_bad_inputs_name_the_file(exported, prepared_data, tmp_path):
     with pytest.raises(UserError, match="share the file name 'same'"):
         _predict(exported, [a, b], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _record(out: Path, stem: str) -> dict:
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def test_the_json_records_the_model_engine_variant_and_transform_that_ran(served_champion, exported, prepared_data,
+                                                                       tracking_env, tmp_path):
+    source = _source(prepared_data)
+    spec = read_io_spec(exported)
+    digest = hashlib.sha256(exported.read_bytes()).hexdigest()
+    uri = f"models:/{SERVED_MODEL}@champion"
+    _predict(uri, [source], tmp_path / "alias")
+    record = _record(tmp_path / "alias", source.stem)
+    assert record["model"] == {"uri": uri, "registered_name": SERVED_MODEL, "version": served_champion,
+                               "alias": "champion", "onnx_sha256": digest, "variant": "fp32",
+                               "training_run_id": spec["training_run_id"]}
+    assert (record["engine"], record["provider"]) == ("onnxruntime", "CPUExecutionProvider")
+    params = PreprocessParams.from_dict(spec["preprocessing"])
+    assert record["preprocessing"]["contract"] == params.to_dict()
+    prepared = predict.network_input(source, params).prepared
+    assert Transform.from_record(record["preprocessing"]["transform"]) == prepared.transform
+    assert record["preprocessing"]["intensity_window"] == [prepared.intensity_low, prepared.intensity_high]
+
+    by_version = f"models:/{SERVED_MODEL}/{served_champion}"
+    _predict(by_version, [source], tmp_path / "version")
+    assert _record(tmp_path / "version", source.stem)["model"] | {"uri": uri, "alias": "champion"} == record["model"]
+    _predict(exported, [source], tmp_path / "file")
+    assert _record(tmp_path / "file", source.stem)["model"] == {
+        "uri": str(exported), "registered_name": None, "version": None, "alias": None, "onnx_sha256": digest,
+        "variant": "fp32", "training_run_id": spec["training_run_id"]}
+    int8 = export.variant_path(exported, "int8")
+    if int8.exists():  # kept only where it passed its Dice gate
+        _predict(int8, [source], tmp_path / "int8")
+        assert _record(tmp_path / "int8", source.stem)["model"]["variant"] == "int8"
+
+
+def test_a_registered_model_whose_file_changed_is_refused(served_champion, prepared_data, tracking_env, tmp_path):
+    # The registry's onnx_sha256 tag no longer matching the artifact is what a replaced file looks like.
+    client = mlflow.MlflowClient(tracking_env.url)
+    recorded = client.get_model_version(SERVED_MODEL, served_champion).tags["onnx_sha256"]
+    client.set_model_version_tag(SERVED_MODEL, served_champion, "onnx_sha256", "0" * 64)
+    try:
+        with pytest.raises(UserError, match=rf"version {served_champion}'s .onnx has sha256 .* refusing"):
+            _predict(f"models:/{SERVED_MODEL}@champion", [_source(prepared_data)], tmp_path / "out")
+    finally:
+        client.set_model_version_tag(SERVED_MODEL, served_champion, "onnx_sha256", recorded)
+    assert not list((tmp_path / "out").glob("*.json"))
