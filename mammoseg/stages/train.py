@@ -292,14 +292,18 @@ class _Trainer:
         if size is not None and size % self.network.size_multiple:
             raise UserError(f"{dataset_dir / CONTRACT_FILE}: image size {size} is not a multiple of "
                             f"2**depth = {self.network.size_multiple} (use preprocess --size)")
-        bottleneck = (config.patch_size or size or 0) // self.network.size_multiple
+        if config.patch_size % self.network.size_multiple:
+            raise UserError(f"train.patch_size {config.patch_size} must be a multiple of "
+                            f"{self.network.size_multiple} (0 = whole images)")
+        # A patch as large as the image is the whole image (nnU-Net clips its patch to the image the
+        # same way), so one patch_size serves the demo's 512 px data and the tests' 128 px data.
+        self.patch_size = config.patch_size if size is None or config.patch_size < size else 0
+        if config.patch_size and not self.patch_size:
+            log.info("train.patch_size %d >= image size %d: training on whole images", config.patch_size, size)
+        bottleneck = (self.patch_size or size or 0) // self.network.size_multiple
         if config.norm == "batch" and config.batch_size == 1 and bottleneck < 2:
             raise UserError(f"train.batch_size 1 with norm batch: BatchNorm at the {bottleneck}x{bottleneck} "
                             "bottleneck has one value per channel; use --batch-size 2 or more, or --norm group")
-        if config.patch_size and (config.patch_size % self.network.size_multiple
-                                  or (size is not None and config.patch_size > size)):
-            raise UserError(f"train.patch_size {config.patch_size} must be a multiple of "
-                            f"{self.network.size_multiple} and at most the image size {size} (0 = whole images)")
         if config.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.parameters = sum(p.numel() for p in self.network.parameters())
@@ -398,8 +402,8 @@ class _Trainer:
                                                    unit="batch", leave=False, disable=None)):
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
-            if config.patch_size:
-                images, masks = sample_patches(images, masks, config.patch_size, config.patch_lesion_prob,
+            if self.patch_size:
+                images, masks = sample_patches(images, masks, self.patch_size, config.patch_lesion_prob,
                                                augment_rng)
             images, masks = augment(images, masks, config, augment_rng)
             if config.channels_last:
@@ -642,13 +646,15 @@ def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) ->
     summary = {"run_id": mlflow_run.run_id, "best_epoch": trainer.best["epoch"],
                "best_val_dice_mean": trainer.best["val_dice"],
                "threshold": dict(zip(CLASSES, threshold, strict=True)),
-               "val_dice_at_threshold": dict(zip(CLASSES, choice.per_class_dice, strict=True)),
+               # The statistic evaluate reports and the gate judges: mean over images of each
+               # image's Dice (metrics.choose_threshold chooses the thresholds on it).
+               "val_dice_mean_image_at_threshold": dict(zip(CLASSES, choice.per_class_dice, strict=True)),
                "epochs_run": trainer.epoch,
                "parameters": trainer.parameters}
     write_atomically(metrics_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     mlflow_run.log_metrics({"best_val_dice_mean": trainer.best["val_dice"],
                             **{f"threshold_{name}": t for name, t in zip(CLASSES, threshold, strict=True)},
-                            **{f"val_dice_{name}_at_threshold": nan_to_zero(d)
+                            **{f"val_dice_mean_image_{name}_at_threshold": nan_to_zero(d)
                                for name, d in zip(CLASSES, choice.per_class_dice, strict=True)}})
     mlflow_run.set_tags({"best_epoch": trainer.best["epoch"]})
     mlflow_run.log_artifact(model_out / MODEL_FILE, "checkpoint")

@@ -157,6 +157,19 @@ def test_user_errors(tmp_path):
         train.run(config, tmp_path, tmp_path / "model", tmp_path / "train.json")
 
 
+def test_patch_size_must_fit_the_network_and_clips_to_the_image(prepared_data, tmp_path):
+    with pytest.raises(UserError, match="patch_size 192 must be a multiple of 128"):
+        train.run(stage_config_for("train", **{**TINY_TRAIN, "patch_size": 192}), prepared_data.dataset,
+                  tmp_path / "model", tmp_path / "train.json")
+    # The 128 px test data with the demo's 256 px patches: whole images, as nnU-Net clips its patch.
+    trainer = train._Trainer(stage_config_for("train", **{**TINY_TRAIN, "patch_size": 256}), prepared_data.dataset,
+                             tmp_path / "model")
+    assert trainer.patch_size == 0
+    trainer = train._Trainer(stage_config_for("train", **{**TINY_TRAIN, "patch_size": 0}), prepared_data.dataset,
+                             tmp_path / "model")
+    assert trainer.patch_size == 0
+
+
 def test_resume_flag_needs_a_checkpoint(prepared_data, tmp_path):
     config = stage_config_for("train", **{**TINY_TRAIN, "resume": True})
     with pytest.raises(UserError, match="no checkpoint to resume from"):
