@@ -4,7 +4,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components.common import IMAGE, STAGE_COMMAND, stage_args
+from components.common import STAGE_COMMAND, TRAIN_IMAGE, stage_args
 
 METRICS_FILE = "train_metrics.json"
 
@@ -28,7 +28,7 @@ def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifac
         image_digest: the image's digest; unused by the command, part of KFP's cache key.
         checkpoint_dir: where checkpoints persist across attempts; train adds the pipeline run id.
     """
-    return dsl.ContainerSpec(image=IMAGE, command=STAGE_COMMAND, args=stage_args(
+    return dsl.ContainerSpec(image=TRAIN_IMAGE, command=STAGE_COMMAND, args=stage_args(
         "train", params, "--dataset", dataset.path, "--model-out", model.path,
         "--metrics-out", f"{metrics.path}/{METRICS_FILE}", "--validation-report", validation_report.path,
         "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER, "--checkpoint-dir", checkpoint_dir))

@@ -6,14 +6,16 @@ KFP IR YAML. Every task runs the project image; nothing here imports torch or ma
 Pipeline parameters:
     data_uri, data_hash: the DVC remote and the directory hash of the raw data. The hash is what
         KFP's cache sees: the same hash is the same bytes.
-    image_digest: the image's content digest (sha256:...). KFP's cache ignores mutable image tags, so
-        every task takes the digest as an input: a rebuilt image under the same tag re-runs the tasks.
+    image_digest, train_image_digest: the content digests (sha256:...) of the CPU image and of train's
+        CUDA image, taken from the references when they are pinned (repo@sha256:...). KFP's cache
+        ignores mutable image tags, so every stage task takes its image's digest as an input: a
+        rebuilt image under the same tag re-runs the tasks.
     <stage>_params: the stage's params.yaml block as one-line JSON, one per stage, so a changed block
         re-runs its stage and what depends on it, and nothing upstream.
 
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
 Kubernetes secrets as environment variables (never parameters), each key only where the secret has it
-but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train asks for one GPU, CPUs,
+but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the CUDA image and asks for one GPU, CPUs,
 memory and a Memory-backed /dev/shm for its data-loader workers, and is retried with exponential
 backoff (an attempt that finds the previous attempt's checkpoint.pt in its model folder resumes from
 it and continues the same MLflow run; kfp.local retries in the same folder); register is never cached
@@ -27,6 +29,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
+from pipelines.images import TaskImages, task_images
 from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, SecretKeys
 
 # Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
@@ -50,31 +53,33 @@ def _with_secret(task: dsl.PipelineTask, secret: str, keys: SecretKeys) -> dsl.P
     return task
 
 
-def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Any:
+def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> Any:
     """Define the pipeline with its parameters' defaults taken from the compile-time inputs.
 
     Args:
         inputs: params.yaml's blocks and data.dvc's hash, read by pipelines.settings.
-        image: an image reference to run every task in instead of components.common.IMAGE.
-        image_digest: the default of the image_digest parameter.
+        images: the image of every task but train, train's image, and their digests (the defaults of
+            image_digest and train_image_digest); default components.common.IMAGE and TRAIN_IMAGE.
 
     Returns:
         The pipeline (a KFP graph component), ready for the compiler or a local run.
     """
     settings = inputs.pipeline
     defaults = inputs.stage_params
+    images = images or task_images()
 
-    def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    def configure(task: dsl.PipelineTask, name: str, gpu: bool = False) -> dsl.PipelineTask:
+        """Name the task; give it its image and requests (train: gpu=True, the CUDA image)."""
         task.set_display_name(name).set_cpu_request(settings.cpu_request).set_memory_request(settings.memory_request)
-        if image:
-            task.set_container_image(image)
+        task.set_container_image(images.train_image if gpu else images.image)
         return task
 
     @dsl.pipeline(name=settings.name, description=DESCRIPTION)
     def mammoseg_training(
         data_uri: str = settings.data_remote,
         data_hash: str = inputs.data_hash,
-        image_digest: str = image_digest,
+        image_digest: str = images.image_digest,
+        train_image_digest: str = images.train_image_digest,
         ingest_params: str = defaults["ingest"],
         validate_params: str = defaults["validate"],
         preprocess_params: str = defaults["preprocess"],
@@ -101,8 +106,8 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         prepared.after(validated)
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
-                                  validation_report=validated.outputs["report"], image_digest=image_digest,
-                                  checkpoint_dir=checkpoint_dir), "train")
+                                  validation_report=validated.outputs["report"], image_digest=train_image_digest,
+                                  checkpoint_dir=checkpoint_dir), "train", gpu=True)
         if settings.checkpoint_pvc:
             kubernetes.mount_pvc(trained, pvc_name=settings.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
@@ -129,8 +134,8 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
     return mammoseg_training
 
 
-def compile_pipeline(output: Path, inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Path:
+def compile_pipeline(output: Path, inputs: CompileInputs, images: TaskImages | None = None) -> Path:
     """Compile the pipeline to KFP's IR YAML at `output` (parents created); return the path."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(inputs, image, image_digest), str(output))
+    compiler.Compiler().compile(build_pipeline(inputs, images), str(output))
     return output

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from components import STAGE_COMPONENTS, data
-from components.common import IMAGE, RUN_STAGE, STAGE_COMMAND
+from components.common import IMAGE, RUN_STAGE, STAGE_COMMAND, TRAIN_IMAGE
 from components.data import FETCH
 from tests.conftest import REPO_ROOT, InbreastFolder
 
@@ -28,11 +28,14 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 def test_every_stage_component_runs_its_stage_in_the_image():
     for stage, component in STAGE_COMPONENTS.items():
         container = component.component_spec.implementation.container
-        assert container.image == IMAGE
+        # train, the one task with a GPU, in the CUDA image; every other task in the CPU image.
+        assert container.image == (TRAIN_IMAGE if stage == "train" else IMAGE)
         assert container.command == STAGE_COMMAND
         assert container.args[1] == stage
         assert "image_digest" in component.component_spec.inputs
     assert data.component_spec.implementation.container.image == IMAGE
+    assert (IMAGE, TRAIN_IMAGE) == ("mammoseg:cpu", "mammoseg:cuda")  # scripts/build_image.sh --variant cpu|cuda
+    assert 'tag "mammoseg:$variant"' in (REPO_ROOT / "scripts" / "build_image.sh").read_text()
 
 
 def _stage(block: dict, *argv: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -47,8 +47,14 @@ def test_every_stage_runs_in_order_after_the_data(ir):
                        "preprocess": {"data", "ingest", "validate"}, "train": {"preprocess", "validate"},
                        "evaluate": {"preprocess", "train"}, "export": {"preprocess", "train"},
                        "register": {"export", "evaluate", "preprocess"}}  # the gate re-scores on the dataset
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"mammoseg:cpu"}
+    assert _images(spec) == {task: "mammoseg:cuda" if task == "train" else "mammoseg:cpu" for task in tasks}
+
+
+def _images(spec: dict) -> dict[str, str]:
+    """Task name -> the image its executor runs."""
+    executors = spec["deploymentSpec"]["executors"]
+    return {name: executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]["image"]
+            for name, task in _tasks(spec).items()}
 
 
 # A KFP placeholder: an input or output artifact's path, an input parameter, or a runtime value.
@@ -157,9 +163,12 @@ def test_caching_parameters_reach_every_task(ir):
     assert parameters["data_hash"]["defaultValue"] == data_dvc["outs"][0]["md5"]
     assert parameters["data_uri"]["defaultValue"] == SETTINGS["data_remote"]
     assert parameters["image_digest"]["defaultValue"] == "sha256:" + "ab" * 32
+    assert parameters["train_image_digest"]["defaultValue"] == ""  # mammoseg:cuda, a tag, and no digest given
     tasks = _tasks(spec)
     for name, task in tasks.items():
-        assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": "image_digest"}, name
+        # Each stage keys on its own image's digest: train on the CUDA image's.
+        digest = {"train": "train_image_digest"}.get(name, "image_digest")
+        assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": digest}, name
     assert tasks["data"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
     # Everything downstream of the data is keyed on it through the artifacts; register acts on the
     # registry's current state and is never served from the cache.
@@ -212,12 +221,80 @@ def test_the_pipeline_has_its_own_command_and_kfp_is_its_extra(tmp_path):
         "pip install 'mammoseg[pipeline]'"]
 
 
-def test_image_reference_is_replaced_on_every_task(tmp_path):
+CPU_REF = "registry.local:5000/mammoseg@sha256:" + "c" * 64
+CUDA_REF = "registry.local:5000/mammoseg:cuda-1@sha256:" + "d" * 64
+
+
+def test_train_gets_the_train_image_and_the_digests_come_from_the_references(tmp_path):
     out = tmp_path / "p.yaml"
-    assert main(["compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
+    assert main(["compile", "--output", str(out), "--image", CPU_REF, "--train-image", CUDA_REF]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.local/mammoseg:cuda-1"}
+    assert _images(spec) == {task: CUDA_REF if task == "train" else CPU_REF for task in _tasks(spec)}
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["image_digest"]["defaultValue"] == "sha256:" + "c" * 64
+    assert parameters["train_image_digest"]["defaultValue"] == "sha256:" + "d" * 64
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--image", "mammoseg@sha256:abc"], "expected repo@sha256:<64 hex digits> after the '@'"),
+    (["--image", CPU_REF, "--image-digest", "sha256:" + "e" * 64], "contradicts the digest in"),
+    (["--train-image-digest", "abc"], "--train-image-digest 'abc': expected sha256:<64 hex digits>"),
+])
+def test_bad_image_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["compile", "--output", str(tmp_path / "p.yaml"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """Run `python -m pipelines ARGV` as a user would (a fresh process: exit code, stderr as printed)."""
+    return subprocess.run([sys.executable, "-m", "pipelines", *argv], capture_output=True, text=True, cwd=REPO_ROOT,
+                          check=False, timeout=300)
+
+
+@pytest.mark.slow
+def test_submit_refuses_a_mutable_tag_in_one_line_before_anything_is_sent(tmp_path):
+    from tests.conftest import free_port
+
+    host = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would be a different error
+    for argv in (["--image", CPU_REF],  # train keeps its default, the tag mammoseg:cuda
+                 ["--image", "registry.local/mammoseg:latest", "--train-image", CUDA_REF]):
+        proc = _cli("submit", "--host", host, *argv)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("mammoseg-pipeline: error: ") and "image given by a mutable tag" in proc.stderr
+        assert "--allow-mutable-tag" in proc.stderr and "Traceback" not in proc.stderr
+    # A package compiled from tags is refused the same way: submit reads the images the nodes will pull.
+    package = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(package), "--train-image", CUDA_REF]) == 0
+    proc = _cli("submit", "--host", host, "--package", str(package))
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg-pipeline: error: mammoseg:cpu: image given by a mutable tag; a retry or another node may pull "
+        "another image under it: give repo@sha256:<digest> (docker inspect --format '{{index .RepoDigests 0}}' "
+        "IMAGE, after docker push) or pass --allow-mutable-tag"]
+    # With the flag the tags go through (to the unreachable endpoint here).
+    proc = _cli("submit", "--host", host, "--package", str(package), "--allow-mutable-tag")
+    assert proc.returncode == 2 and "mutable tag (--allow-mutable-tag)" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
+
+
+def test_submit_takes_no_image_for_a_compiled_package(tmp_path, capsys):
+    assert main(["submit", "--host", "http://kfp", "--package", str(tmp_path / "p.yaml"), "--image", CPU_REF]) == 2
+    assert capsys.readouterr().err.strip() == ("mammoseg-pipeline: error: --image and --train-image are compiled "
+                                               "into a package; they cannot apply to --package")
+
+
+def test_image_references():
+    from pipelines.images import ImageError, mutable_images, reference_digest
+
+    digest = "sha256:" + "0123456789abcdef" * 4
+    assert reference_digest(f"ghcr.io/org/mammoseg@{digest}") == digest
+    assert reference_digest(f"localhost:5000/mammoseg:cuda@{digest}") == digest  # tag and digest: the digest wins
+    assert reference_digest("localhost:5000/mammoseg") == reference_digest("mammoseg:latest") == ""
+    for bad in ("", " mammoseg:cpu", "@" + digest, "mammoseg@sha256:" + "A" * 64, "mammoseg@md5:" + "0" * 32):
+        with pytest.raises(ImageError):
+            reference_digest(bad)
+    assert mutable_images({"a": f"r/m@{digest}", "b": "r/m:1"}) == {"b": "r/m:1"}
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -281,6 +358,6 @@ def test_submit_to_an_unreachable_endpoint_is_a_one_line_error(tmp_path, capsys)
     from tests.conftest import free_port
 
     host = f"http://127.0.0.1:{free_port()}"
-    assert main(["submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
+    assert main(["submit", "--host", host, "--image", CPU_REF, "--train-image", CUDA_REF]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
