@@ -12,14 +12,16 @@ Pipeline parameters:
         rebuilt image under the same tag re-runs the tasks.
     <stage>_params: the stage's params.yaml block as one-line JSON, one per stage, so a changed block
         re-runs its stage and what depends on it, and nothing upstream.
+    train_device: train's torch device (pipeline.train_device, cuda); `run --local` passes cpu.
 
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
 Kubernetes secrets as environment variables (never parameters), each key only where the secret has it
-but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the CUDA image and asks for one GPU, CPUs,
-memory and a Memory-backed /dev/shm for its data-loader workers, and is retried with exponential
-backoff (an attempt that finds the previous attempt's checkpoint.pt in its model folder resumes from
-it and continues the same MLflow run; kfp.local retries in the same folder); register is never cached
-(it acts on the registry's current state).
+but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the CUDA image on cuda,
+asks for one GPU, CPUs, memory and a Memory-backed /dev/shm for its data-loader workers, has its own
+node selector and tolerations (the GPU pool's taint), and is retried with exponential backoff (an
+attempt that finds the previous attempt's checkpoint.pt resumes from it and continues the same MLflow
+run; kfp.local retries in the same folder); every container runs as the image's uid/gid; register
+is never cached (it acts on the registry's current state).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as objects.
@@ -30,7 +32,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
 from pipelines.images import TaskImages, task_images
-from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, SecretKeys
+from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, PipelineSettings, SecretKeys
 
 # Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
 CHECKPOINT_MOUNT = "/checkpoints"
@@ -53,6 +55,22 @@ def _with_secret(task: dsl.PipelineTask, secret: str, keys: SecretKeys) -> dsl.P
     return task
 
 
+def _place(task: dsl.PipelineTask, node_selector: dict[str, str], tolerations: list[dict[str, Any]]) -> None:
+    """Give the task's pod the node selector and tolerations of the settings (checked by pipelines.settings)."""
+    for label, value in node_selector.items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    for toleration in tolerations:
+        kubernetes.add_toleration(task, **toleration)
+
+
+def _run_as(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
+    """State the uid/gid the container runs as (and that it is not root), when the settings give them."""
+    if settings.run_as_user is not None or settings.run_as_group is not None:
+        non_root = None if settings.run_as_user is None else settings.run_as_user != 0
+        kubernetes.set_security_context(task, run_as_user=settings.run_as_user, run_as_group=settings.run_as_group,
+                                        run_as_non_root=non_root)
+
+
 def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> Any:
     """Define the pipeline with its parameters' defaults taken from the compile-time inputs.
 
@@ -69,9 +87,15 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
     images = images or task_images()
 
     def configure(task: dsl.PipelineTask, name: str, gpu: bool = False) -> dsl.PipelineTask:
-        """Name the task; give it its image and requests (train: gpu=True, the CUDA image)."""
+        """Name the task; give it its image, requests, nodes and user (train: gpu=True, the CUDA image)."""
         task.set_display_name(name).set_cpu_request(settings.cpu_request).set_memory_request(settings.memory_request)
-        task.set_container_image(images.train_image if gpu else images.image)
+        if gpu:
+            task.set_container_image(images.train_image)
+            _place(task, settings.train_node_selector, settings.train_tolerations)
+        else:
+            task.set_container_image(images.image)
+            _place(task, settings.node_selector, settings.tolerations)
+        _run_as(task, settings)
         return task
 
     @dsl.pipeline(name=settings.name, description=DESCRIPTION)
@@ -88,6 +112,7 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
         export_params: str = defaults["export"],
         register_params: str = defaults["register"],
         checkpoint_dir: str = CHECKPOINT_MOUNT if settings.checkpoint_pvc else "",
+        train_device: str = settings.train_device,
     ) -> dsl.Artifact:
         raw = configure(data(data_uri=data_uri, data_hash=data_hash, image_digest=image_digest), "data")
         _with_secret(raw, settings.s3_secret, S3_ENV)
@@ -107,7 +132,7 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
                                   validation_report=validated.outputs["report"], image_digest=train_image_digest,
-                                  checkpoint_dir=checkpoint_dir), "train", gpu=True)
+                                  checkpoint_dir=checkpoint_dir, device=train_device), "train", gpu=True)
         if settings.checkpoint_pvc:
             kubernetes.mount_pvc(trained, pvc_name=settings.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)

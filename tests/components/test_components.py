@@ -119,3 +119,15 @@ def test_data_fetches_the_folder_by_its_hash(dvc_remote, s3_server, tmp_path):
     proc = _fetch(uri, "0" * 32 + ".dir", tmp_path / "y" / "inbreast", s3_server.env)
     assert proc.returncode == 1 and "cannot fetch" in proc.stderr
     assert not (tmp_path / "y" / "inbreast").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_fails_at_once_in_one_line(prepared_data, tmp_path):
+    """What the pipeline's train (`--device cuda`) does in a pod without a usable GPU."""
+    proc = _stage({"train": PARAMS["train"]}, "train", "--dataset", str(prepared_data.dataset), "--model-out",
+                  str(tmp_path / "model"), "--metrics-out", str(tmp_path / "m" / "train_metrics.json"),
+                  "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg: error: device 'cuda' requested but no CUDA device is available"]
+    assert not (tmp_path / "m" / "train_metrics.json").exists()

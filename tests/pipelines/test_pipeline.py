@@ -129,6 +129,65 @@ def test_train_requests_a_gpu_resources_and_retries(ir):
     assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
 
 
+def _executor(spec: dict, task: str) -> str:
+    return spec["components"][_tasks(spec)[task]["componentRef"]["name"]]["executorLabel"]
+
+
+def test_train_runs_on_cuda_so_a_pod_without_a_gpu_fails_at_once(ir):
+    spec, _ = ir
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert SETTINGS["train_device"] == "cuda" and parameters["train_device"]["defaultValue"] == "cuda"
+    assert _tasks(spec)["train"]["inputs"]["parameters"]["device"] == {"componentInputParameter": "train_device"}
+    args = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["args"]
+    # After the block's own `device: auto` (a flag overrides the params file).
+    assert args[args.index("--device") + 1] == "{{$.inputs.parameters['device']}}"
+    assert json.loads(parameters["train_params"]["defaultValue"])["train"]["device"] == "auto"
+
+
+def test_train_tolerates_the_gpu_taint_and_the_other_tasks_keep_off_gpu_nodes(ir):
+    _, platform = ir
+    assert platform["exec-train"]["tolerations"] == SETTINGS["train_tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert not any("nodeSelector" in e or "tolerations" in e for label, e in platform.items() if label != "exec-train")
+
+
+def test_node_selectors_and_tolerations_are_compile_time_settings(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out),
+                 "-S", "pipeline.train_node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+                 "-S", "pipeline.train_tolerations=[{key: dedicated, operator: Equal, value: ml, effect: NoSchedule},"
+                       " {key: spot, operator: Exists}]",
+                 "-S", "pipeline.node_selector={pool: cpu}", "-S", "pipeline.tolerations=[{operator: Exists}]"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task in _tasks(spec):
+        executor = executors[_executor(spec, task)]
+        if task == "train":
+            assert executor["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+            assert executor["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml",
+                                                "effect": "NoSchedule"}, {"key": "spot", "operator": "Exists"}]
+        else:
+            assert executor["nodeSelector"] == {"labels": {"pool": "cpu"}}, task
+            assert executor["tolerations"] == [{"operator": "Exists"}], task
+
+
+def test_every_container_runs_as_the_images_user(ir, tmp_path):
+    spec, platform = ir
+    for task in _tasks(spec):
+        assert platform[_executor(spec, task)]["securityContext"] == {
+            "runAsUser": str(SETTINGS["run_as_user"]), "runAsGroup": str(SETTINGS["run_as_group"]),
+            "runAsNonRoot": True}, task
+    assert (SETTINGS["run_as_user"], SETTINGS["run_as_group"]) == (1000, 1000)  # the Dockerfile's USER 1000:1000
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "USER 1000:1000" in dockerfile
+    # null leaves it out (a KFP 2.15 backend, which predates it).
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "-S", "pipeline.run_as_user=null",
+                 "-S", "pipeline.run_as_group=null"]) == 0
+    executors = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert not any("securityContext" in e for e in executors.values())
+
+
 def test_secrets_are_environment_never_parameters_and_only_the_tracking_uri_is_required(ir):
     spec, platform = ir
     # KFP's driver puts each mapping's `optional` on every key's secretKeyRef (backend/src/v2/driver/k8s.go,
@@ -301,6 +360,14 @@ def test_image_references():
     ("train.no_such_key=1", "params.yaml has no 'train: no_such_key:'"),
     ("epochs=3", "expected STAGE.KEY=VALUE"),
     ("train.epochs=[1", "the value is not YAML"),
+    ("pipeline.train_device=auto", "pipeline.train_device: expected cuda, cuda:N or cpu"),
+    ("pipeline.train_node_selector={gpu: true}", "pipeline.train_node_selector: expected a mapping"),
+    ("pipeline.train_tolerations=[{key: k, operator: In}]", "operator 'In' is not one of"),
+    ("pipeline.tolerations=[{key: k, effect: NoRun}]", "effect 'NoRun' is not one of"),
+    ("pipeline.tolerations=[{key: k, operator: Exists, value: v}]", "operator Exists takes no value"),
+    ("pipeline.tolerations=[{value: v}]", "a toleration without a key needs operator Exists"),
+    ("pipeline.tolerations=[{key: k, seconds: 3}]", "is not a mapping of key, operator"),
+    ("pipeline.run_as_user=-1", "pipeline.run_as_user: expected a uid/gid >= 0 or null"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message, tmp_path, capsys):
     assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
