@@ -20,8 +20,10 @@ but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the 
 asks for one GPU, CPUs, memory and a Memory-backed /dev/shm for its data-loader workers, has its own
 node selector and tolerations (the GPU pool's taint), and is retried with exponential backoff (an
 attempt that finds the previous attempt's checkpoint.pt resumes from it and continues the same MLflow
-run; kfp.local retries in the same folder); every container runs as the image's uid/gid; register
-is never cached (it acts on the registry's current state).
+run; kfp.local retries in the same folder); every container runs as the image's uid/gid; with a
+checkpoint PVC, a task checks at the start that the volume is writable and another removes the run's
+checkpoint folder once train succeeded; register is never cached (it acts on the registry's current
+state), nor are the checkpoint tasks (they act on the volume's).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as objects.
@@ -31,6 +33,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
+from components.checkpoints import check_checkpoint_volume, remove_run_checkpoints
 from pipelines.images import TaskImages, task_images
 from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, PipelineSettings, SecretKeys
 
@@ -69,6 +72,23 @@ def _run_as(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
         non_root = None if settings.run_as_user is None else settings.run_as_user != 0
         kubernetes.set_security_context(task, run_as_user=settings.run_as_user, run_as_group=settings.run_as_group,
                                         run_as_non_root=non_root)
+
+
+def _checkpoint_volume(trained: dsl.PipelineTask, checked: dsl.PipelineTask, removed: dsl.PipelineTask,
+                       pvc: str) -> None:
+    """Mount the checkpoint PVC on train, on the check that runs before it and the removal that follows it.
+
+    The check has no input but the volume, so it runs at the start, beside the data download: a
+    volume the image's user cannot write fails the run before it spends time on the data. The removal
+    runs only once train succeeded (a failed train keeps its checkpoint for a retry of the run). Both
+    act on the volume as it is now, so neither is ever served from KFP's cache.
+    """
+    trained.after(checked)
+    removed.after(trained)
+    for task in (checked, trained, removed):
+        kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=CHECKPOINT_MOUNT)
+    for task in (checked, removed):
+        task.set_caching_options(enable_caching=False)
 
 
 def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> Any:
@@ -134,7 +154,9 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
                                   validation_report=validated.outputs["report"], image_digest=train_image_digest,
                                   checkpoint_dir=checkpoint_dir, device=train_device), "train", gpu=True)
         if settings.checkpoint_pvc:
-            kubernetes.mount_pvc(trained, pvc_name=settings.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+            checked = configure(check_checkpoint_volume(checkpoint_dir=checkpoint_dir), "check-checkpoint-volume")
+            removed = configure(remove_run_checkpoints(checkpoint_dir=checkpoint_dir), "remove-run-checkpoints")
+            _checkpoint_volume(trained, checked, removed, settings.checkpoint_pvc)
         trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
         trained.set_memory_limit(settings.train_memory_limit)
         trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)

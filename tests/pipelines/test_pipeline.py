@@ -37,16 +37,22 @@ def _tasks(spec: dict) -> dict:
     return spec["root"]["dag"]["tasks"]
 
 
+CHECKPOINT_TASKS = {"check-checkpoint-volume", "remove-run-checkpoints"}
+
+
 def test_every_stage_runs_in_order_after_the_data(ir):
     spec, _ = ir
     tasks = _tasks(spec)
-    assert set(tasks) == {"data", *PIPELINE_STAGES}
+    assert set(tasks) == {"data", *PIPELINE_STAGES, *CHECKPOINT_TASKS}
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     # validate and preprocess read the raw data itself: the manifest names the DICOMs inside it.
     assert depends == {"data": set(), "ingest": {"data"}, "validate": {"data", "ingest"},
-                       "preprocess": {"data", "ingest", "validate"}, "train": {"preprocess", "validate"},
+                       "preprocess": {"data", "ingest", "validate"},
+                       "train": {"preprocess", "validate", "check-checkpoint-volume"},
                        "evaluate": {"preprocess", "train"}, "export": {"preprocess", "train"},
-                       "register": {"export", "evaluate", "preprocess"}}  # the gate re-scores on the dataset
+                       "register": {"export", "evaluate", "preprocess"},  # the gate re-scores on the dataset
+                       # The volume is checked at the start (no inputs), the run's folder removed after train.
+                       "check-checkpoint-volume": set(), "remove-run-checkpoints": {"train"}}
     assert _images(spec) == {task: "mammoseg:cuda" if task == "train" else "mammoseg:cpu" for task in tasks}
 
 
@@ -188,6 +194,30 @@ def test_every_container_runs_as_the_images_user(ir, tmp_path):
     assert not any("securityContext" in e for e in executors.values())
 
 
+def test_the_checkpoint_volume_is_checked_first_and_the_runs_folder_removed_after_train(ir, tmp_path):
+    spec, platform = ir
+    tasks = _tasks(spec)
+    containers = {t: spec["deploymentSpec"]["executors"][_executor(spec, t)]["container"] for t in tasks}
+    train_args = containers["train"]["args"]
+    run_id = train_args[train_args.index("--pipeline-run-id") + 1]
+    for task in CHECKPOINT_TASKS:
+        # The same volume at the same place as train, the same folder (checkpoint_dir) and run id.
+        assert platform[_executor(spec, task)]["pvcMount"] == platform["exec-train"]["pvcMount"]
+        assert tasks[task]["inputs"]["parameters"]["checkpoint_dir"] == tasks["train"]["inputs"]["parameters"][
+            "checkpoint_dir"] == {"componentInputParameter": "checkpoint_dir"}
+        assert containers[task]["args"] == ["{{$.inputs.parameters['checkpoint_dir']}}", run_id]
+        assert "resources" not in containers[task] or "accelerator" not in containers[task]["resources"]
+    assert run_id == "{{$.pipeline_job_uuid}}"
+    # The removal runs only when train succeeded: KFP's default trigger (all upstream tasks succeeded).
+    assert tasks["remove-run-checkpoints"]["dependentTasks"] == ["train"]
+    assert "triggerPolicy" not in tasks["remove-run-checkpoints"]
+    # Without a volume the checkpoints stay in the model artifact, and neither task exists.
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "-S", "pipeline.checkpoint_pvc="]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert set(_tasks(spec)) == {"data", *PIPELINE_STAGES}
+
+
 def test_secrets_are_environment_never_parameters_and_only_the_tracking_uri_is_required(ir):
     spec, platform = ir
     # KFP's driver puts each mapping's `optional` on every key's secretKeyRef (backend/src/v2/driver/k8s.go,
@@ -227,11 +257,13 @@ def test_caching_parameters_reach_every_task(ir):
     for name, task in tasks.items():
         # Each stage keys on its own image's digest: train on the CUDA image's.
         digest = {"train": "train_image_digest"}.get(name, "image_digest")
-        assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": digest}, name
+        if name not in CHECKPOINT_TASKS:
+            assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": digest}, name
     assert tasks["data"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
     # Everything downstream of the data is keyed on it through the artifacts; register acts on the
-    # registry's current state and is never served from the cache.
-    assert {n for n, t in tasks.items() if t["cachingOptions"].get("enableCache")} == set(tasks) - {"register"}
+    # registry's current state, the checkpoint tasks on the volume's: never served from the cache.
+    assert {n for n, t in tasks.items() if t["cachingOptions"].get("enableCache")} == (
+        set(tasks) - {"register", *CHECKPOINT_TASKS})
 
 
 def test_each_stage_gets_its_own_params_block(ir):
