@@ -11,6 +11,7 @@ mammoseg's own parser.
 
 from __future__ import annotations
 
+from components.checkpoints import check_checkpoint_volume, remove_run_checkpoints
 from components.data import data
 from components.evaluate import evaluate
 from components.export import export
@@ -24,5 +25,5 @@ from components.validate import validate
 STAGE_COMPONENTS = {"ingest": ingest, "validate": validate, "preprocess": preprocess, "train": train,
                     "evaluate": evaluate, "export": export, "register": register}
 
-__all__ = ["STAGE_COMPONENTS", "data", "evaluate", "export", "ingest", "preprocess", "register", "train",
-           "validate"]
+__all__ = ["STAGE_COMPONENTS", "check_checkpoint_volume", "data", "evaluate", "export", "ingest", "preprocess",
+           "register", "remove_run_checkpoints", "train", "validate"]

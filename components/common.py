@@ -10,10 +10,12 @@ block re-runs train and what follows, never ingest).
 
 from __future__ import annotations
 
-# The image every component runs in; scripts/build_image.sh tags each build with it (and with a
-# content-hash tag). `mammoseg-pipeline compile --image REF` replaces it on every task, e.g. with a
-# registry reference for a cluster.
+# The images the components run in, as scripts/build_image.sh tags them (beside a content-hash tag):
+# the CPU image for every task but train, the CUDA image (`--variant cuda`) for train, the one task
+# that asks for a GPU. `mammoseg-pipeline compile --image REF --train-image REF` replaces them, on a
+# cluster with registry references pinned by digest (repo@sha256:...).
 IMAGE = "mammoseg:cpu"
+TRAIN_IMAGE = "mammoseg:cuda"
 
 # Writes the stage's params block ($1) to a file, then becomes `mammoseg --params FILE <the rest>`,
 # keeping mammoseg's exit status (validate's 1 stops the pipeline).

@@ -4,15 +4,15 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components.common import IMAGE, STAGE_COMMAND, stage_args
+from components.common import STAGE_COMMAND, TRAIN_IMAGE, stage_args
 
 METRICS_FILE = "train_metrics.json"
 
 
 @dsl.container_component
 def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifact], model: Output[Model],
-          metrics: Output[Artifact], image_digest: str, checkpoint_dir: str):
-    """Run `mammoseg train`, tagging the MLflow run with the KFP run id.
+          metrics: Output[Artifact], image_digest: str, checkpoint_dir: str, device: str):
+    """Run `mammoseg train` on `device`, tagging the MLflow run with the KFP run id.
 
     A retried attempt that finds checkpoint.pt of the same config resumes from it (and continues the
     same MLflow run) instead of starting over. On a cluster each attempt is a new pod, so the
@@ -27,8 +27,11 @@ def train(params: str, dataset: Input[Dataset], validation_report: Input[Artifac
         metrics: folder with train_metrics.json (best epoch, validation Dice, threshold).
         image_digest: the image's digest; unused by the command, part of KFP's cache key.
         checkpoint_dir: where checkpoints persist across attempts; train adds the pipeline run id.
+        device: the torch device, over the block's `device` (the pipeline gives cuda: a pod without a
+            usable GPU then fails at once, in one line, instead of training on its CPU).
     """
-    return dsl.ContainerSpec(image=IMAGE, command=STAGE_COMMAND, args=stage_args(
+    return dsl.ContainerSpec(image=TRAIN_IMAGE, command=STAGE_COMMAND, args=stage_args(
         "train", params, "--dataset", dataset.path, "--model-out", model.path,
         "--metrics-out", f"{metrics.path}/{METRICS_FILE}", "--validation-report", validation_report.path,
-        "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER, "--checkpoint-dir", checkpoint_dir))
+        "--pipeline-run-id", dsl.PIPELINE_JOB_ID_PLACEHOLDER, "--checkpoint-dir", checkpoint_dir,
+        "--device", device))

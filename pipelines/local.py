@@ -162,9 +162,10 @@ def run_local(package: Path, pipeline_root: Path, image: str, arguments: Mapping
                workspace_root=str(workspace), raise_on_error=True, enable_caching=cache)
     pipeline = components.load_component_from_file(str(package))
     # No volumes locally: checkpoints stay in the model artifact, where kfp.local's retries find them.
-    arguments = {**arguments, "checkpoint_dir": ""}
-    log.info("cluster-only settings (resource requests, the GPU, /dev/shm volume, secrets) do not apply locally; "
-             "retries and caching do")
+    # No GPU either (DockerRunner requests no devices), so train runs on the CPU, said as such.
+    arguments = {**arguments, "checkpoint_dir": "", "train_device": "cpu"}
+    log.info("cluster-only settings (resource requests, the GPU, nodes, /dev/shm volume, checkpoint volume, secrets, "
+             "security context) do not apply locally; retries and caching do")
     try:
         with _container_component_outputs(), warnings.catch_warnings():
             # kfp.local warns once per task about those settings; said once above.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,62 @@ class PipelineSettings:
     retry_backoff: str
     retry_backoff_max: str
     experiment: str
+    train_device: str
+    train_node_selector: dict[str, str]
+    train_tolerations: list[dict[str, Any]]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    run_as_user: int | None
+    run_as_group: int | None
+
+
+# What Kubernetes accepts in a toleration (kfp.kubernetes.add_toleration's arguments).
+TOLERATION_KEYS = ("key", "operator", "value", "effect", "toleration_seconds")
+TOLERATION_OPERATORS = ("Equal", "Exists")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# mammoseg's train.device values (auto is refused here: it would let train fall back to the CPU in silence).
+TRAIN_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _check_node_selector(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SettingsError(f"pipeline.{name}: expected a mapping of node label -> value, both strings "
+                            f"(quote values such as 'true'), got {value!r}")
+
+
+def _check_tolerations(name: str, value: Any) -> None:
+    if not isinstance(value, list):
+        raise SettingsError(f"pipeline.{name}: expected a list of tolerations, got {value!r}")
+    for toleration in value:
+        if not isinstance(toleration, dict) or not set(toleration) <= set(TOLERATION_KEYS):
+            raise SettingsError(f"pipeline.{name}: {toleration!r} is not a mapping of {', '.join(TOLERATION_KEYS)}")
+        operator = toleration.get("operator", "Equal")
+        if operator not in TOLERATION_OPERATORS:
+            raise SettingsError(f"pipeline.{name}: operator {operator!r} is not one of {TOLERATION_OPERATORS}")
+        if toleration.get("effect", TAINT_EFFECTS[0]) not in TAINT_EFFECTS:
+            raise SettingsError(f"pipeline.{name}: effect {toleration['effect']!r} is not one of {TAINT_EFFECTS}")
+        if operator == "Exists" and toleration.get("value"):
+            raise SettingsError(f"pipeline.{name}: {toleration!r}: operator Exists takes no value")
+        if not toleration.get("key") and operator != "Exists":
+            raise SettingsError(f"pipeline.{name}: {toleration!r}: a toleration without a key needs operator Exists")
+
+
+def check_settings(settings: PipelineSettings) -> None:
+    """Refuse `pipeline:` values that the compiled pipeline could not apply, with one line naming the key.
+
+    Raises:
+        SettingsError: a malformed node selector, toleration, device or uid/gid.
+    """
+    if not isinstance(settings.train_device, str) or not TRAIN_DEVICE.fullmatch(settings.train_device):
+        raise SettingsError(f"pipeline.train_device: expected cuda, cuda:N or cpu, got {settings.train_device!r}")
+    for name in ("train_node_selector", "node_selector"):
+        _check_node_selector(name, getattr(settings, name))
+    for name in ("train_tolerations", "tolerations"):
+        _check_tolerations(name, getattr(settings, name))
+    for name in ("run_as_user", "run_as_group"):
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise SettingsError(f"pipeline.{name}: expected a uid/gid >= 0 or null, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,4 +222,6 @@ def load_compile_inputs(params_path: Path | None = None, overrides: Mapping[str,
         # multi-line default would break the YAML out of that comment.
         stage_params[stage] = json.dumps({stage: params[stage]}, separators=(",", ":"))
     data_dvc = data_dvc or params_path.parent / "data.dvc"
-    return CompileInputs(PipelineSettings(**block), stage_params, read_data_hash(data_dvc))
+    settings = PipelineSettings(**block)
+    check_settings(settings)
+    return CompileInputs(settings, stage_params, read_data_hash(data_dvc))

@@ -6,18 +6,24 @@ KFP IR YAML. Every task runs the project image; nothing here imports torch or ma
 Pipeline parameters:
     data_uri, data_hash: the DVC remote and the directory hash of the raw data. The hash is what
         KFP's cache sees: the same hash is the same bytes.
-    image_digest: the image's content digest (sha256:...). KFP's cache ignores mutable image tags, so
-        every task takes the digest as an input: a rebuilt image under the same tag re-runs the tasks.
+    image_digest, train_image_digest: the content digests (sha256:...) of the CPU image and of train's
+        CUDA image, taken from the references when they are pinned (repo@sha256:...). KFP's cache
+        ignores mutable image tags, so every stage task takes its image's digest as an input: a
+        rebuilt image under the same tag re-runs the tasks.
     <stage>_params: the stage's params.yaml block as one-line JSON, one per stage, so a changed block
         re-runs its stage and what depends on it, and nothing upstream.
+    train_device: train's torch device (pipeline.train_device, cuda); `run --local` passes cpu.
 
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
 Kubernetes secrets as environment variables (never parameters), each key only where the secret has it
-but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train asks for one GPU, CPUs,
-memory and a Memory-backed /dev/shm for its data-loader workers, and is retried with exponential
-backoff (an attempt that finds the previous attempt's checkpoint.pt in its model folder resumes from
-it and continues the same MLflow run; kfp.local retries in the same folder); register is never cached
-(it acts on the registry's current state).
+but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the CUDA image on cuda,
+asks for one GPU, CPUs, memory and a Memory-backed /dev/shm for its data-loader workers, has its own
+node selector and tolerations (the GPU pool's taint), and is retried with exponential backoff (an
+attempt that finds the previous attempt's checkpoint.pt resumes from it and continues the same MLflow
+run; kfp.local retries in the same folder); every container runs as the image's uid/gid; with a
+checkpoint PVC, a task checks at the start that the volume is writable and another removes the run's
+checkpoint folder once train succeeded; register is never cached (it acts on the registry's current
+state), nor are the checkpoint tasks (they act on the volume's).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as objects.
@@ -27,7 +33,9 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
-from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, SecretKeys
+from components.checkpoints import check_checkpoint_volume, remove_run_checkpoints
+from pipelines.images import TaskImages, task_images
+from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, PipelineSettings, SecretKeys
 
 # Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
 CHECKPOINT_MOUNT = "/checkpoints"
@@ -50,31 +58,72 @@ def _with_secret(task: dsl.PipelineTask, secret: str, keys: SecretKeys) -> dsl.P
     return task
 
 
-def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Any:
+def _place(task: dsl.PipelineTask, node_selector: dict[str, str], tolerations: list[dict[str, Any]]) -> None:
+    """Give the task's pod the node selector and tolerations of the settings (checked by pipelines.settings)."""
+    for label, value in node_selector.items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    for toleration in tolerations:
+        kubernetes.add_toleration(task, **toleration)
+
+
+def _run_as(task: dsl.PipelineTask, settings: PipelineSettings) -> None:
+    """State the uid/gid the container runs as (and that it is not root), when the settings give them."""
+    if settings.run_as_user is not None or settings.run_as_group is not None:
+        non_root = None if settings.run_as_user is None else settings.run_as_user != 0
+        kubernetes.set_security_context(task, run_as_user=settings.run_as_user, run_as_group=settings.run_as_group,
+                                        run_as_non_root=non_root)
+
+
+def _checkpoint_volume(trained: dsl.PipelineTask, checked: dsl.PipelineTask, removed: dsl.PipelineTask,
+                       pvc: str) -> None:
+    """Mount the checkpoint PVC on train, on the check that runs before it and the removal that follows it.
+
+    The check has no input but the volume, so it runs at the start, beside the data download: a
+    volume the image's user cannot write fails the run before it spends time on the data. The removal
+    runs only once train succeeded (a failed train keeps its checkpoint for a retry of the run). Both
+    act on the volume as it is now, so neither is ever served from KFP's cache.
+    """
+    trained.after(checked)
+    removed.after(trained)
+    for task in (checked, trained, removed):
+        kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=CHECKPOINT_MOUNT)
+    for task in (checked, removed):
+        task.set_caching_options(enable_caching=False)
+
+
+def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> Any:
     """Define the pipeline with its parameters' defaults taken from the compile-time inputs.
 
     Args:
         inputs: params.yaml's blocks and data.dvc's hash, read by pipelines.settings.
-        image: an image reference to run every task in instead of components.common.IMAGE.
-        image_digest: the default of the image_digest parameter.
+        images: the image of every task but train, train's image, and their digests (the defaults of
+            image_digest and train_image_digest); default components.common.IMAGE and TRAIN_IMAGE.
 
     Returns:
         The pipeline (a KFP graph component), ready for the compiler or a local run.
     """
     settings = inputs.pipeline
     defaults = inputs.stage_params
+    images = images or task_images()
 
-    def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    def configure(task: dsl.PipelineTask, name: str, gpu: bool = False) -> dsl.PipelineTask:
+        """Name the task; give it its image, requests, nodes and user (train: gpu=True, the CUDA image)."""
         task.set_display_name(name).set_cpu_request(settings.cpu_request).set_memory_request(settings.memory_request)
-        if image:
-            task.set_container_image(image)
+        if gpu:
+            task.set_container_image(images.train_image)
+            _place(task, settings.train_node_selector, settings.train_tolerations)
+        else:
+            task.set_container_image(images.image)
+            _place(task, settings.node_selector, settings.tolerations)
+        _run_as(task, settings)
         return task
 
     @dsl.pipeline(name=settings.name, description=DESCRIPTION)
     def mammoseg_training(
         data_uri: str = settings.data_remote,
         data_hash: str = inputs.data_hash,
-        image_digest: str = image_digest,
+        image_digest: str = images.image_digest,
+        train_image_digest: str = images.train_image_digest,
         ingest_params: str = defaults["ingest"],
         validate_params: str = defaults["validate"],
         preprocess_params: str = defaults["preprocess"],
@@ -83,6 +132,7 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         export_params: str = defaults["export"],
         register_params: str = defaults["register"],
         checkpoint_dir: str = CHECKPOINT_MOUNT if settings.checkpoint_pvc else "",
+        train_device: str = settings.train_device,
     ) -> dsl.Artifact:
         raw = configure(data(data_uri=data_uri, data_hash=data_hash, image_digest=image_digest), "data")
         _with_secret(raw, settings.s3_secret, S3_ENV)
@@ -101,10 +151,12 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
         prepared.after(validated)
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
-                                  validation_report=validated.outputs["report"], image_digest=image_digest,
-                                  checkpoint_dir=checkpoint_dir), "train")
+                                  validation_report=validated.outputs["report"], image_digest=train_image_digest,
+                                  checkpoint_dir=checkpoint_dir, device=train_device), "train", gpu=True)
         if settings.checkpoint_pvc:
-            kubernetes.mount_pvc(trained, pvc_name=settings.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+            checked = configure(check_checkpoint_volume(checkpoint_dir=checkpoint_dir), "check-checkpoint-volume")
+            removed = configure(remove_run_checkpoints(checkpoint_dir=checkpoint_dir), "remove-run-checkpoints")
+            _checkpoint_volume(trained, checked, removed, settings.checkpoint_pvc)
         trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
         trained.set_memory_limit(settings.train_memory_limit)
         trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)
@@ -129,8 +181,8 @@ def build_pipeline(inputs: CompileInputs, image: str | None = None, image_digest
     return mammoseg_training
 
 
-def compile_pipeline(output: Path, inputs: CompileInputs, image: str | None = None, image_digest: str = "") -> Path:
+def compile_pipeline(output: Path, inputs: CompileInputs, images: TaskImages | None = None) -> Path:
     """Compile the pipeline to KFP's IR YAML at `output` (parents created); return the path."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(inputs, image, image_digest), str(output))
+    compiler.Compiler().compile(build_pipeline(inputs, images), str(output))
     return output

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import STAGE_COMPONENTS, data
-from components.common import IMAGE, RUN_STAGE, STAGE_COMMAND
+from components import STAGE_COMPONENTS, check_checkpoint_volume, data, remove_run_checkpoints
+from components.checkpoints import CHECK_WRITABLE, REMOVE_RUN_FOLDER
+from components.common import IMAGE, RUN_STAGE, STAGE_COMMAND, TRAIN_IMAGE
 from components.data import FETCH
 from tests.conftest import REPO_ROOT, InbreastFolder
 
@@ -28,11 +29,15 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 def test_every_stage_component_runs_its_stage_in_the_image():
     for stage, component in STAGE_COMPONENTS.items():
         container = component.component_spec.implementation.container
-        assert container.image == IMAGE
+        # train, the one task with a GPU, in the CUDA image; every other task in the CPU image.
+        assert container.image == (TRAIN_IMAGE if stage == "train" else IMAGE)
         assert container.command == STAGE_COMMAND
         assert container.args[1] == stage
         assert "image_digest" in component.component_spec.inputs
-    assert data.component_spec.implementation.container.image == IMAGE
+    for component in (data, check_checkpoint_volume, remove_run_checkpoints):
+        assert component.component_spec.implementation.container.image == IMAGE
+    assert (IMAGE, TRAIN_IMAGE) == ("mammoseg:cpu", "mammoseg:cuda")  # scripts/build_image.sh --variant cpu|cuda
+    assert 'tag "mammoseg:$variant"' in (REPO_ROOT / "scripts" / "build_image.sh").read_text()
 
 
 def _stage(block: dict, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -116,3 +121,58 @@ def test_data_fetches_the_folder_by_its_hash(dvc_remote, s3_server, tmp_path):
     proc = _fetch(uri, "0" * 32 + ".dir", tmp_path / "y" / "inbreast", s3_server.env)
     assert proc.returncode == 1 and "cannot fetch" in proc.stderr
     assert not (tmp_path / "y" / "inbreast").exists()
+
+
+def _checkpoints(script: str, folder: str, run_id: str) -> subprocess.CompletedProcess:
+    """Run a checkpoint task's script as KFP would: sh -c SCRIPT checkpoints <checkpoint_dir> <run id>."""
+    return subprocess.run(["sh", "-c", script, "checkpoints", folder, run_id], capture_output=True, text=True,
+                          env=ENV, check=False, timeout=60)
+
+
+def test_the_removal_deletes_only_that_runs_checkpoint_folder(tmp_path):
+    volume = tmp_path / "checkpoints"
+    for run in ("run-a", "run-b"):
+        (volume / run).mkdir(parents=True)
+        (volume / run / "checkpoint.pt").write_bytes(b"state")
+        (volume / run / "model.pt").write_bytes(b"best")
+    (volume / "unrelated.txt").write_text("kept")
+    proc = _checkpoints(REMOVE_RUN_FOLDER, str(volume), "run-a")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"checkpoints: removed {volume}/run-a", proc.stderr
+    assert sorted(p.relative_to(volume).as_posix() for p in volume.rglob("*")) == [
+        "run-b", "run-b/checkpoint.pt", "run-b/model.pt", "unrelated.txt"]
+    # A run whose train was served from KFP's cache wrote no folder: nothing to remove, no error.
+    assert _checkpoints(REMOVE_RUN_FOLDER, str(volume), "run-c").returncode == 0
+    # No volume (kfp.local, pipeline.checkpoint_pvc ""): nothing happens.
+    proc = _checkpoints(REMOVE_RUN_FOLDER, "", "run-b")
+    assert proc.returncode == 0 and "nothing to remove" in proc.stdout
+    # A run id that is not one folder name never widens what is removed.
+    for bad in ("", ".", "..", "run-b/..", "../checkpoints"):
+        proc = _checkpoints(REMOVE_RUN_FOLDER, str(volume), bad)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "is not a pipeline run id" in proc.stderr
+    assert (volume / "run-b" / "checkpoint.pt").is_file() and (volume / "unrelated.txt").is_file()
+
+
+def test_the_volume_check_fails_in_one_line_where_the_images_user_cannot_write(tmp_path):
+    volume = tmp_path / "checkpoints"
+    volume.mkdir()
+    proc = _checkpoints(CHECK_WRITABLE, str(volume), "run-a")
+    assert proc.returncode == 0 and "is writable by uid" in proc.stdout, proc.stderr
+    assert list(volume.iterdir()) == []  # the probe file is gone
+    # A folder nobody can create a file in (here: one that does not exist; as root every mode is writable).
+    proc = _checkpoints(CHECK_WRITABLE, str(tmp_path / "not-mounted"), "run-a")
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"checkpoints: {tmp_path}/not-mounted is not writable by uid {os.getuid()} gid {os.getgid()}; make the "
+        "checkpoint PVC writable for that group (README: The checkpoint volume)"]
+    assert _checkpoints(CHECK_WRITABLE, "", "run-a").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_fails_at_once_in_one_line(prepared_data, tmp_path):
+    """What the pipeline's train (`--device cuda`) does in a pod without a usable GPU."""
+    proc = _stage({"train": PARAMS["train"]}, "train", "--dataset", str(prepared_data.dataset), "--model-out",
+                  str(tmp_path / "model"), "--metrics-out", str(tmp_path / "m" / "train_metrics.json"),
+                  "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg: error: device 'cuda' requested but no CUDA device is available"]
+    assert not (tmp_path / "m" / "train_metrics.json").exists()

@@ -37,18 +37,30 @@ def _tasks(spec: dict) -> dict:
     return spec["root"]["dag"]["tasks"]
 
 
+CHECKPOINT_TASKS = {"check-checkpoint-volume", "remove-run-checkpoints"}
+
+
 def test_every_stage_runs_in_order_after_the_data(ir):
     spec, _ = ir
     tasks = _tasks(spec)
-    assert set(tasks) == {"data", *PIPELINE_STAGES}
+    assert set(tasks) == {"data", *PIPELINE_STAGES, *CHECKPOINT_TASKS}
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     # validate and preprocess read the raw data itself: the manifest names the DICOMs inside it.
     assert depends == {"data": set(), "ingest": {"data"}, "validate": {"data", "ingest"},
-                       "preprocess": {"data", "ingest", "validate"}, "train": {"preprocess", "validate"},
+                       "preprocess": {"data", "ingest", "validate"},
+                       "train": {"preprocess", "validate", "check-checkpoint-volume"},
                        "evaluate": {"preprocess", "train"}, "export": {"preprocess", "train"},
-                       "register": {"export", "evaluate", "preprocess"}}  # the gate re-scores on the dataset
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"mammoseg:cpu"}
+                       "register": {"export", "evaluate", "preprocess"},  # the gate re-scores on the dataset
+                       # The volume is checked at the start (no inputs), the run's folder removed after train.
+                       "check-checkpoint-volume": set(), "remove-run-checkpoints": {"train"}}
+    assert _images(spec) == {task: "mammoseg:cuda" if task == "train" else "mammoseg:cpu" for task in tasks}
+
+
+def _images(spec: dict) -> dict[str, str]:
+    """Task name -> the image its executor runs."""
+    executors = spec["deploymentSpec"]["executors"]
+    return {name: executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]["image"]
+            for name, task in _tasks(spec).items()}
 
 
 # A KFP placeholder: an input or output artifact's path, an input parameter, or a runtime value.
@@ -123,6 +135,89 @@ def test_train_requests_a_gpu_resources_and_retries(ir):
     assert not any("accelerator" in e["container"].get("resources", {}) for e in others)
 
 
+def _executor(spec: dict, task: str) -> str:
+    return spec["components"][_tasks(spec)[task]["componentRef"]["name"]]["executorLabel"]
+
+
+def test_train_runs_on_cuda_so_a_pod_without_a_gpu_fails_at_once(ir):
+    spec, _ = ir
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert SETTINGS["train_device"] == "cuda" and parameters["train_device"]["defaultValue"] == "cuda"
+    assert _tasks(spec)["train"]["inputs"]["parameters"]["device"] == {"componentInputParameter": "train_device"}
+    args = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["args"]
+    # After the block's own `device: auto` (a flag overrides the params file).
+    assert args[args.index("--device") + 1] == "{{$.inputs.parameters['device']}}"
+    assert json.loads(parameters["train_params"]["defaultValue"])["train"]["device"] == "auto"
+
+
+def test_train_tolerates_the_gpu_taint_and_the_other_tasks_keep_off_gpu_nodes(ir):
+    _, platform = ir
+    assert platform["exec-train"]["tolerations"] == SETTINGS["train_tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert not any("nodeSelector" in e or "tolerations" in e for label, e in platform.items() if label != "exec-train")
+
+
+def test_node_selectors_and_tolerations_are_compile_time_settings(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out),
+                 "-S", "pipeline.train_node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+                 "-S", "pipeline.train_tolerations=[{key: dedicated, operator: Equal, value: ml, effect: NoSchedule},"
+                       " {key: spot, operator: Exists}]",
+                 "-S", "pipeline.node_selector={pool: cpu}", "-S", "pipeline.tolerations=[{operator: Exists}]"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task in _tasks(spec):
+        executor = executors[_executor(spec, task)]
+        if task == "train":
+            assert executor["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+            assert executor["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml",
+                                                "effect": "NoSchedule"}, {"key": "spot", "operator": "Exists"}]
+        else:
+            assert executor["nodeSelector"] == {"labels": {"pool": "cpu"}}, task
+            assert executor["tolerations"] == [{"operator": "Exists"}], task
+
+
+def test_every_container_runs_as_the_images_user(ir, tmp_path):
+    spec, platform = ir
+    for task in _tasks(spec):
+        assert platform[_executor(spec, task)]["securityContext"] == {
+            "runAsUser": str(SETTINGS["run_as_user"]), "runAsGroup": str(SETTINGS["run_as_group"]),
+            "runAsNonRoot": True}, task
+    assert (SETTINGS["run_as_user"], SETTINGS["run_as_group"]) == (1000, 1000)  # the Dockerfile's USER 1000:1000
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "USER 1000:1000" in dockerfile
+    # null leaves it out (a KFP 2.15 backend, which predates it).
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "-S", "pipeline.run_as_user=null",
+                 "-S", "pipeline.run_as_group=null"]) == 0
+    executors = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert not any("securityContext" in e for e in executors.values())
+
+
+def test_the_checkpoint_volume_is_checked_first_and_the_runs_folder_removed_after_train(ir, tmp_path):
+    spec, platform = ir
+    tasks = _tasks(spec)
+    containers = {t: spec["deploymentSpec"]["executors"][_executor(spec, t)]["container"] for t in tasks}
+    train_args = containers["train"]["args"]
+    run_id = train_args[train_args.index("--pipeline-run-id") + 1]
+    for task in CHECKPOINT_TASKS:
+        # The same volume at the same place as train, the same folder (checkpoint_dir) and run id.
+        assert platform[_executor(spec, task)]["pvcMount"] == platform["exec-train"]["pvcMount"]
+        assert tasks[task]["inputs"]["parameters"]["checkpoint_dir"] == tasks["train"]["inputs"]["parameters"][
+            "checkpoint_dir"] == {"componentInputParameter": "checkpoint_dir"}
+        assert containers[task]["args"] == ["{{$.inputs.parameters['checkpoint_dir']}}", run_id]
+        assert "resources" not in containers[task] or "accelerator" not in containers[task]["resources"]
+    assert run_id == "{{$.pipeline_job_uuid}}"
+    # The removal runs only when train succeeded: KFP's default trigger (all upstream tasks succeeded).
+    assert tasks["remove-run-checkpoints"]["dependentTasks"] == ["train"]
+    assert "triggerPolicy" not in tasks["remove-run-checkpoints"]
+    # Without a volume the checkpoints stay in the model artifact, and neither task exists.
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "-S", "pipeline.checkpoint_pvc="]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert set(_tasks(spec)) == {"data", *PIPELINE_STAGES}
+
+
 def test_secrets_are_environment_never_parameters_and_only_the_tracking_uri_is_required(ir):
     spec, platform = ir
     # KFP's driver puts each mapping's `optional` on every key's secretKeyRef (backend/src/v2/driver/k8s.go,
@@ -157,13 +252,18 @@ def test_caching_parameters_reach_every_task(ir):
     assert parameters["data_hash"]["defaultValue"] == data_dvc["outs"][0]["md5"]
     assert parameters["data_uri"]["defaultValue"] == SETTINGS["data_remote"]
     assert parameters["image_digest"]["defaultValue"] == "sha256:" + "ab" * 32
+    assert parameters["train_image_digest"]["defaultValue"] == ""  # mammoseg:cuda, a tag, and no digest given
     tasks = _tasks(spec)
     for name, task in tasks.items():
-        assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": "image_digest"}, name
+        # Each stage keys on its own image's digest: train on the CUDA image's.
+        digest = {"train": "train_image_digest"}.get(name, "image_digest")
+        if name not in CHECKPOINT_TASKS:
+            assert task["inputs"]["parameters"]["image_digest"] == {"componentInputParameter": digest}, name
     assert tasks["data"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
     # Everything downstream of the data is keyed on it through the artifacts; register acts on the
-    # registry's current state and is never served from the cache.
-    assert {n for n, t in tasks.items() if t["cachingOptions"].get("enableCache")} == set(tasks) - {"register"}
+    # registry's current state, the checkpoint tasks on the volume's: never served from the cache.
+    assert {n for n, t in tasks.items() if t["cachingOptions"].get("enableCache")} == (
+        set(tasks) - {"register", *CHECKPOINT_TASKS})
 
 
 def test_each_stage_gets_its_own_params_block(ir):
@@ -212,18 +312,94 @@ def test_the_pipeline_has_its_own_command_and_kfp_is_its_extra(tmp_path):
         "pip install 'mammoseg[pipeline]'"]
 
 
-def test_image_reference_is_replaced_on_every_task(tmp_path):
+CPU_REF = "registry.local:5000/mammoseg@sha256:" + "c" * 64
+CUDA_REF = "registry.local:5000/mammoseg:cuda-1@sha256:" + "d" * 64
+
+
+def test_train_gets_the_train_image_and_the_digests_come_from_the_references(tmp_path):
     out = tmp_path / "p.yaml"
-    assert main(["compile", "--output", str(out), "--image", "registry.local/mammoseg:cuda-1"]) == 0
+    assert main(["compile", "--output", str(out), "--image", CPU_REF, "--train-image", CUDA_REF]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.local/mammoseg:cuda-1"}
+    assert _images(spec) == {task: CUDA_REF if task == "train" else CPU_REF for task in _tasks(spec)}
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["image_digest"]["defaultValue"] == "sha256:" + "c" * 64
+    assert parameters["train_image_digest"]["defaultValue"] == "sha256:" + "d" * 64
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--image", "mammoseg@sha256:abc"], "expected repo@sha256:<64 hex digits> after the '@'"),
+    (["--image", CPU_REF, "--image-digest", "sha256:" + "e" * 64], "contradicts the digest in"),
+    (["--train-image-digest", "abc"], "--train-image-digest 'abc': expected sha256:<64 hex digits>"),
+])
+def test_bad_image_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["compile", "--output", str(tmp_path / "p.yaml"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """Run `python -m pipelines ARGV` as a user would (a fresh process: exit code, stderr as printed)."""
+    return subprocess.run([sys.executable, "-m", "pipelines", *argv], capture_output=True, text=True, cwd=REPO_ROOT,
+                          check=False, timeout=300)
+
+
+@pytest.mark.slow
+def test_submit_refuses_a_mutable_tag_in_one_line_before_anything_is_sent(tmp_path):
+    from tests.conftest import free_port
+
+    host = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would be a different error
+    for argv in (["--image", CPU_REF],  # train keeps its default, the tag mammoseg:cuda
+                 ["--image", "registry.local/mammoseg:latest", "--train-image", CUDA_REF]):
+        proc = _cli("submit", "--host", host, *argv)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("mammoseg-pipeline: error: ") and "image given by a mutable tag" in proc.stderr
+        assert "--allow-mutable-tag" in proc.stderr and "Traceback" not in proc.stderr
+    # A package compiled from tags is refused the same way: submit reads the images the nodes will pull.
+    package = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(package), "--train-image", CUDA_REF]) == 0
+    proc = _cli("submit", "--host", host, "--package", str(package))
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "mammoseg-pipeline: error: mammoseg:cpu: image given by a mutable tag; a retry or another node may pull "
+        "another image under it: give repo@sha256:<digest> (docker inspect --format '{{index .RepoDigests 0}}' "
+        "IMAGE, after docker push) or pass --allow-mutable-tag"]
+    # With the flag the tags go through (to the unreachable endpoint here).
+    proc = _cli("submit", "--host", host, "--package", str(package), "--allow-mutable-tag")
+    assert proc.returncode == 2 and "mutable tag (--allow-mutable-tag)" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
+
+
+def test_submit_takes_no_image_for_a_compiled_package(tmp_path, capsys):
+    assert main(["submit", "--host", "http://kfp", "--package", str(tmp_path / "p.yaml"), "--image", CPU_REF]) == 2
+    assert capsys.readouterr().err.strip() == ("mammoseg-pipeline: error: --image and --train-image are compiled "
+                                               "into a package; they cannot apply to --package")
+
+
+def test_image_references():
+    from pipelines.images import ImageError, mutable_images, reference_digest
+
+    digest = "sha256:" + "0123456789abcdef" * 4
+    assert reference_digest(f"ghcr.io/org/mammoseg@{digest}") == digest
+    assert reference_digest(f"localhost:5000/mammoseg:cuda@{digest}") == digest  # tag and digest: the digest wins
+    assert reference_digest("localhost:5000/mammoseg") == reference_digest("mammoseg:latest") == ""
+    for bad in ("", " mammoseg:cpu", "@" + digest, "mammoseg@sha256:" + "A" * 64, "mammoseg@md5:" + "0" * 32):
+        with pytest.raises(ImageError):
+            reference_digest(bad)
+    assert mutable_images({"a": f"r/m@{digest}", "b": "r/m:1"}) == {"b": "r/m:1"}
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("train.no_such_key=1", "params.yaml has no 'train: no_such_key:'"),
     ("epochs=3", "expected STAGE.KEY=VALUE"),
     ("train.epochs=[1", "the value is not YAML"),
+    ("pipeline.train_device=auto", "pipeline.train_device: expected cuda, cuda:N or cpu"),
+    ("pipeline.train_node_selector={gpu: true}", "pipeline.train_node_selector: expected a mapping"),
+    ("pipeline.train_tolerations=[{key: k, operator: In}]", "operator 'In' is not one of"),
+    ("pipeline.tolerations=[{key: k, effect: NoRun}]", "effect 'NoRun' is not one of"),
+    ("pipeline.tolerations=[{key: k, operator: Exists, value: v}]", "operator Exists takes no value"),
+    ("pipeline.tolerations=[{value: v}]", "a toleration without a key needs operator Exists"),
+    ("pipeline.tolerations=[{key: k, seconds: 3}]", "is not a mapping of key, operator"),
+    ("pipeline.run_as_user=-1", "pipeline.run_as_user: expected a uid/gid >= 0 or null"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message, tmp_path, capsys):
     assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--set", override]) == 2
@@ -281,6 +457,6 @@ def test_submit_to_an_unreachable_endpoint_is_a_one_line_error(tmp_path, capsys)
     from tests.conftest import free_port
 
     host = f"http://127.0.0.1:{free_port()}"
-    assert main(["submit", "--host", host, "--image-digest", "sha256:" + "0" * 64]) == 2
+    assert main(["submit", "--host", host, "--image", CPU_REF, "--train-image", CUDA_REF]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mammoseg-pipeline: error: KFP endpoint {host} unreachable")
