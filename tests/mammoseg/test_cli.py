@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def test_params_file_is_read_in_both_spellings(spelling, tmp_path, capsys):
     assert code == 2
     assert f"{missing}: params file not found" in capsys.readouterr().err
     custom = tmp_path / "params.yaml"
-    custom.write_text((REPO_ROOT / "params.yaml").read_text().replace("  size: 256", "  size: 384"))
+    custom.write_text(re.sub(r"(?m)^  size: \d+$", "  size: 384", (REPO_ROOT / "params.yaml").read_text(), count=1))
     with pytest.raises(SystemExit):
         main([*(["--params", str(custom)] if spelling == "separate" else [f"--params={custom}"]), "preprocess",
               "--help"])
