@@ -101,6 +101,8 @@ class TrainConfig:
     mass_image_share: float
     patch_size: int
     patch_lesion_prob: float
+    weight_ema: float
+    validate_every: int
     selection_ema: float
     min_epochs: int
     early_stopping_patience: int

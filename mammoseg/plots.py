@@ -5,6 +5,7 @@ Reads lists and dicts in memory and writes PNG files; the only module that impor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ def progress_png(history: Sequence[Mapping[str, float]], path: Path) -> None:
 
     Args:
         history: one mapping per epoch with epoch, train_loss, val_loss, val_dice_<class>, val_dice_mean,
-            val_dice_mean_ema, lr and epoch_seconds (missing keys are skipped).
+            val_dice_mean_ema, lr and epoch_seconds (missing keys, and epochs without validation, are skipped).
         path: the PNG to write.
     """
     plt = _pyplot()
@@ -34,8 +35,11 @@ def progress_png(history: Sequence[Mapping[str, float]], path: Path) -> None:
     figure, (losses, dice, timing) = plt.subplots(3, 1, figsize=(8, 9), dpi=90, sharex=True)
 
     def series(axis, key: str, **style: Any) -> None:
-        if history and key in history[0]:
-            axis.plot(epochs, [row.get(key, float("nan")) for row in history], label=key, **style)
+        # Only the epochs that have the value (validation may run every few epochs).
+        points = [(epoch, row[key]) for epoch, row in zip(epochs, history, strict=True)
+                  if key in row and math.isfinite(row[key])]
+        if points:
+            axis.plot(*zip(*points, strict=True), label=key, **style)
 
     series(losses, "train_loss", color="tab:blue")
     series(losses, "val_loss", color="tab:red")

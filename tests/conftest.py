@@ -273,7 +273,7 @@ def prepared_data(tmp_path_factory) -> PreparedData:
 
 
 TINY_TRAIN = {"epochs": 2, "batch_size": 4, "num_workers": 0, "overlay_every": 1, "overlay_images": 2,
-              "log_system_metrics": False, "warmup_epochs": 0}
+              "log_system_metrics": False, "warmup_epochs": 0, "validate_every": 1}
 
 
 @pytest.fixture(scope="session")

@@ -222,6 +222,25 @@ def sampling_weights(rows: pd.DataFrame, mass_image_share: float) -> np.ndarray 
     return weights / weights.sum()
 
 
+def _moving_average(decay: float):
+    """Return AveragedModel's update for an exponential moving average of the weights with warm-up.
+
+    The decay after n updates is min(decay, (1 + n) / (10 + n)) (TensorFlow's
+    ExponentialMovingAverage with num_updates): the first steps' weights, still near the
+    initialisation, fade out fast, so a short training's average is not dragged back to its start.
+    Integer buffers (BatchNorm's step counter) take the current value.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(updates)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return update
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -276,6 +295,10 @@ class _Trainer:
         self.amp = config.amp and (self.device.type == "cuda" or cpu_supports_bf16())
         if not 0 <= config.mass_image_share < 1:
             raise UserError(f"train.mass_image_share must be in [0, 1), got {config.mass_image_share}")
+        if not 0 <= config.weight_ema < 1:
+            raise UserError(f"train.weight_ema must be in [0, 1), got {config.weight_ema}")
+        if config.validate_every < 1:
+            raise UserError(f"train.validate_every must be at least 1, got {config.validate_every}")
         if not 0 <= config.selection_ema < 1:
             raise UserError(f"train.selection_ema must be in [0, 1), got {config.selection_ema}")
         _seed_everything(config.seed, config.deterministic)
@@ -307,6 +330,12 @@ class _Trainer:
         if config.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.parameters = sum(p.numel() for p in self.network.parameters())
+        # The network that is validated, selected and saved: the weights' moving average when
+        # weight_ema is on (its BatchNorm statistics averaged alike), else the trained network itself.
+        self.averaged = None
+        if config.weight_ema:
+            self.averaged = torch.optim.swa_utils.AveragedModel(
+                self.network, multi_avg_fn=_moving_average(config.weight_ema), use_buffers=True)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: _lr_factor(e, config))
@@ -322,6 +351,11 @@ class _Trainer:
         # the index does not: hash it too.
         self.hash = config_hash(config, f"{self.dataset_digest}:{sha256_of(dataset_dir / CONTRACT_FILE)}")
         self.checkpoint_path = checkpoint_path(config, model_out)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network validation, model selection and the saved model use."""
+        return self.averaged.module if self.averaged is not None else self.network
 
     # --- checkpoints -------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -339,6 +373,8 @@ class _Trainer:
             log.warning("%s belongs to another config or dataset: starting afresh", path)
             return False
         self.network.load_state_dict(state["model"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -367,6 +403,7 @@ class _Trainer:
                  "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
                  "history": self.history, "run_id": self.run_id, "rng": _rng_state(),
                  "selection_score": self.selection_score,
+                 "averaged": self.averaged.state_dict() if self.averaged is not None else None,
                  "config_hash": self.hash}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -416,6 +453,8 @@ class _Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.network)
             total += float(loss.detach())
             batches += 1
         self.scheduler.step()
@@ -424,7 +463,7 @@ class _Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation loss and pooled Dice per class (threshold 0.5), their mean and all-lesion Dice."""
-        self.network.eval()
+        network = self.evaluated.eval()
         total, batches = 0.0, 0
         counts: dict[str, list] = {name: [] for name in (*CLASSES, "all")}
         for images, masks in self._loader("val", shuffle_seed=None):
@@ -432,7 +471,7 @@ class _Trainer:
             if self.config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
-                logits = self.network(images)
+                logits = network(images)
             total += float(segmentation_loss(logits, masks, self.config.dice_weight, self.config.bce_weight,
                                              self.config.bce_pos_weight))
             batches += 1
@@ -450,8 +489,7 @@ class _Trainer:
         """Write a Figure-2-like grid (input, thresholded output, ground truth) of a few val images."""
         rows = self.splits["val"].head(self.config.overlay_images)
         examples = load_examples(self.dataset_dir, rows)
-        self.network.eval()
-        probabilities = predict_probabilities(self.network, [image for image, _ in examples], self.device,
+        probabilities = predict_probabilities(self.evaluated.eval(), [image for image, _ in examples], self.device,
                                               self.config.batch_size, self.amp, self.config.channels_last)
         panels = [figure_panel(image[0], prob >= 0.5, mask, title=str(image_id))
                   for (image, mask), prob, image_id in zip(examples, probabilities, rows["image_id"], strict=True)]
@@ -589,32 +627,20 @@ def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
         lr = trainer.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         train_loss = trainer.train_epoch()
-        metrics = {"train_loss": train_loss, **trainer.validate(), "lr": lr,
+        epoch = trainer.epoch + 1
+        validating = epoch % config.validate_every == 0 or epoch == config.epochs
+        metrics = {"train_loss": train_loss, **(trainer.validate() if validating else {}), "lr": lr,
                    "epoch_seconds": time.perf_counter() - started}
-        trainer.history.append({"epoch": trainer.epoch + 1, **metrics})
-        mlflow_run.log_metrics(metrics, step=trainer.epoch + 1)
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice mass %.3f calc %.3f",
-                 trainer.epoch + 1, config.epochs, train_loss, metrics["val_loss"],
-                 metrics["val_dice_mass"], metrics["val_dice_calcification"])
-        # Select on an exponential moving average of the validation Dice: with a handful of
-        # validation patients one epoch's Dice jumps by noise, and a raw maximum picks a noise peak
-        # (nnU-Net keeps the same EMA). Early stopping waits for min_epochs.
-        raw = metrics["val_dice_mean"]
-        previous = trainer.selection_score
-        trainer.selection_score = raw if previous is None else (
-            config.selection_ema * previous + (1 - config.selection_ema) * raw)
-        metrics["val_dice_mean_ema"] = trainer.selection_score
-        trainer.history[-1]["val_dice_mean_ema"] = trainer.selection_score
-        mlflow_run.log_metrics({"val_dice_mean_ema": trainer.selection_score}, step=trainer.epoch + 1)
-        if trainer.selection_score > trainer.best["val_dice"]:
-            trainer.best = {"epoch": trainer.epoch + 1, "val_dice": trainer.selection_score}
-            trainer.bad_epochs = 0
-            save_model(trainer.model_out / MODEL_FILE, trainer.network, trainer.architecture,
-                       (0.5,) * len(CLASSES), trainer.contract)
-            trainer.keep_best_beside_checkpoint()
-        elif trainer.epoch + 1 >= config.min_epochs:
-            trainer.bad_epochs += 1
-        trainer.epoch += 1
+        trainer.history.append({"epoch": epoch, **metrics})
+        mlflow_run.log_metrics(metrics, step=epoch)
+        if validating:
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice mass %.3f calc %.3f", epoch,
+                     config.epochs, train_loss, metrics["val_loss"], metrics["val_dice_mass"],
+                     metrics["val_dice_calcification"])
+            _select(trainer, metrics["val_dice_mean"], mlflow_run)
+        else:
+            log.info("epoch %d/%d: train loss %.4f", epoch, config.epochs, train_loss)
+        trainer.epoch = epoch
         if config.overlay_every and trainer.epoch % config.overlay_every == 0:
             overlay = trainer.model_out / OVERLAYS_DIR / f"epoch_{trainer.epoch:03d}.png"
             overlay.parent.mkdir(exist_ok=True)
@@ -626,6 +652,30 @@ def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
         trainer.save_checkpoint()
     if trainer.bad_epochs >= config.early_stopping_patience:
         log.info("early stop: no better validation Dice for %d epochs", trainer.bad_epochs)
+
+
+def _select(trainer: _Trainer, val_dice: float, mlflow_run: tracking.Run) -> None:
+    """Update the smoothed validation Dice; keep the weights when it is the best so far.
+
+    Selects on an exponential moving average of the validation Dice: with a handful of validation
+    patients one validation's Dice jumps by noise, and a raw maximum picks a noise peak (nnU-Net keeps
+    the same EMA). Early stopping counts epochs from min_epochs on.
+    """
+    config, epoch = trainer.config, trainer.epoch + 1
+    previous = trainer.selection_score
+    trainer.selection_score = val_dice if previous is None else (
+        config.selection_ema * previous + (1 - config.selection_ema) * val_dice)
+    trainer.history[-1]["val_dice_mean_ema"] = trainer.selection_score
+    mlflow_run.log_metrics({"val_dice_mean_ema": trainer.selection_score}, step=epoch)
+    if trainer.selection_score > trainer.best["val_dice"]:
+        trainer.best = {"epoch": epoch, "val_dice": trainer.selection_score}
+        trainer.bad_epochs = 0
+        save_model(trainer.model_out / MODEL_FILE, trainer.evaluated, trainer.architecture,
+                   (0.5,) * len(CLASSES), trainer.contract)
+        trainer.keep_best_beside_checkpoint()
+    elif epoch >= config.min_epochs:
+        # Patience is in epochs, whichever validate_every.
+        trainer.bad_epochs += min(config.validate_every, epoch - config.min_epochs + 1)
 
 
 def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) -> TrainResult:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -149,6 +150,39 @@ def test_a_failed_retrain_keeps_the_good_model(prepared_data, tracking_env, tmp_
                       model_dir, metrics)
     assert again.run_id == good.run_id
     assert not (model_dir / train.STAGING_DIR).exists()
+
+
+def test_validation_every_few_epochs_and_after_the_last(prepared_data, tracking_env, tmp_path):
+    config = stage_config_for("train", **{**TINY_TRAIN, "epochs": 3, "validate_every": 2, "overlay_every": 0})
+    result = train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json")
+    assert [m.step for m in _client().get_metric_history(result.run_id, "train_loss")] == [1, 2, 3]
+    for key in ("val_loss", "val_dice_mean", "val_dice_mean_ema"):
+        assert [m.step for m in _client().get_metric_history(result.run_id, key)] == [2, 3], key
+    history = pd.read_csv(tmp_path / "model" / train.HISTORY_FILE)
+    assert history["val_loss"].isna().tolist() == [True, False, False]
+    assert result.best_epoch in (2, 3)
+    with pytest.raises(UserError, match="validate_every must be at least 1"):
+        train._Trainer(stage_config_for("train", **{**TINY_TRAIN, "validate_every": 0}), prepared_data.dataset,
+                       tmp_path / "other")
+
+
+@pytest.mark.parametrize("weight_ema", [0.0, 0.9])
+def test_the_saved_model_is_the_moving_average_of_the_weights(prepared_data, tracking_env, tmp_path, weight_ema):
+    config = stage_config_for("train", **{**TINY_TRAIN, "epochs": 1, "overlay_every": 0, "weight_ema": weight_ema})
+    train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json")
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["state_dict"]
+    checkpoint = torch.load(tmp_path / "model" / train.CHECKPOINT_FILE, weights_only=False)
+    trained = checkpoint["model"]  # the optimiser's weights after the last step
+    key = "head.weight"
+    if weight_ema:
+        averaged = {k.removeprefix("module."): v for k, v in checkpoint["averaged"].items()}
+        assert torch.equal(saved[key], averaged[key])
+        assert not torch.allclose(saved[key], trained[key])
+        # BatchNorm's running statistics are averaged too, not left at the initial 0 / 1.
+        means = [k for k in saved if k.endswith("running_mean")]
+        assert means and torch.equal(saved[means[0]], averaged[means[0]])
+    else:
+        assert checkpoint["averaged"] is None and torch.equal(saved[key], trained[key])
 
 
 def test_user_errors(tmp_path):
