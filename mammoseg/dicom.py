@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -405,6 +405,24 @@ def identifying_attributes(source: str | PathLike[str] | Dataset, *,
     return found
 
 
+# How ingest and validate name a file pydicom refuses to open as DICOM (one wording in both reports).
+NOT_DICOM = "not a DICOM file (no 'DICM' prefix or file meta header)"
+
+
+def missing_from_header(ds: Dataset, keywords: Sequence[str]) -> str | None:
+    """Say which of `keywords` are absent or empty in `ds` ("Rows and Columns missing from the header").
+
+    Args:
+        ds: a DICOM dataset.
+        keywords: attribute keywords the caller needs.
+
+    Returns:
+        The one-line problem, or None when every keyword has a value.
+    """
+    missing = [keyword for keyword in keywords if ds.get(keyword) in (None, "")]
+    return f"{' and '.join(missing)} missing from the header" if missing else None
+
+
 def pixel_data_problem(ds: Dataset) -> str | None:
     """Say in plain words why a dataset's pixel data cannot hold its image; None when nothing is wrong.
 
@@ -429,9 +447,9 @@ def pixel_data_problem(ds: Dataset) -> str | None:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and syntax.is_encapsulated:
         return None  # compressed frames: only the decoder knows how long they should be
-    missing = [keyword for keyword in ("Rows", "Columns", "BitsAllocated") if ds.get(keyword) in (None, "")]
+    missing = missing_from_header(ds, ("Rows", "Columns", "BitsAllocated"))
     if missing:
-        return f"{' and '.join(missing)} missing from the header"
+        return missing
     rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)

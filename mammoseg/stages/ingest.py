@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mammoseg.config import IngestConfig
 from mammoseg.data import CLASSES, mask_path
+from mammoseg.dicom import NOT_DICOM
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder, write_atomically
 from mammoseg.inbreast import (
@@ -138,7 +139,7 @@ def _ingest_one(job: _Job) -> _Outcome:
         header = pydicom.dcmread(job.dicom_path, stop_before_pixels=True)
         rows, columns = int(header.Rows), int(header.Columns)
     except InvalidDicomError:
-        return None, "not a DICOM file (no 'DICM' prefix or file meta header)", set()
+        return None, NOT_DICOM, set()
     except Exception as exc:  # pydicom raises many types for a damaged file; all mean "unreadable"
         return None, f"unreadable DICOM ({type(exc).__name__}: {exc})", set()
     rois = []

@@ -45,7 +45,13 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from mammoseg.config import ValidateConfig
-from mammoseg.dicom import IDENTIFYING_KEYWORDS, identifying_attributes, pixel_data_problem
+from mammoseg.dicom import (
+    IDENTIFYING_KEYWORDS,
+    NOT_DICOM,
+    identifying_attributes,
+    missing_from_header,
+    pixel_data_problem,
+)
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder
 from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
@@ -323,7 +329,7 @@ def _dicom_facts(path: Path, privacy_allowed: Sequence[str], facts: dict[str, An
         # A second read of the file, from the page cache: cheaper than copying it into a BytesIO.
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        facts["read_error"] = "not a DICOM file (no 'DICM' prefix or file meta header)"
+        facts["read_error"] = NOT_DICOM
         return
     except Exception as exc:  # a header cut short or garbled: pydicom raises many types
         facts["read_error"] = f"unreadable DICOM header ({_exception_text(exc)})"
@@ -335,10 +341,9 @@ def _dicom_facts(path: Path, privacy_allowed: Sequence[str], facts: dict[str, An
         facts["identifying_attributes"] = ", ".join(identifying_attributes(ds, allowed=privacy_allowed)) or None
         facts["burned_in_annotation"] = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
         facts["modality"] = str(ds.get("Modality", "")).strip() or None
-        missing = [keyword for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored")
-                   if ds.get(keyword) in (None, "")]
+        missing = missing_from_header(ds, ("Rows", "Columns", "BitsAllocated", "BitsStored"))
         if missing:
-            facts["read_error"] = f"{' and '.join(missing)} missing from the header"
+            facts["read_error"] = missing
             return
         facts["dicom_rows"], facts["dicom_columns"] = int(ds.Rows), int(ds.Columns)
         facts["bits_allocated"] = int(ds.BitsAllocated)
