@@ -154,8 +154,10 @@ class ExportConfig:
     parity_images: int
     int8: bool
     fp16: bool
+    openvino: list[str]
     calibration_images: int
     threads: int
+    latency_size: int
     latency_repeats: int
 
 
@@ -176,6 +178,7 @@ class RegisterConfig:
 class PredictConfig:
     """Deployment inference (`mammoseg predict`)."""
 
+    engine: str
     threads: int
     overlay_max_side: int
     allow_for_processing: bool

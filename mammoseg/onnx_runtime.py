@@ -1,7 +1,8 @@
 """ONNX Runtime sessions and the model's I/O contract stored in ONNX metadata (reads .onnx files).
 
 The contract travels inside the model (`metadata_props["mammoseg.io_spec"]`, in the spirit of MONAI
-bundles' `network_data_format`) so a deployment job needs nothing but the .onnx file.
+bundles' `network_data_format`) so a deployment job needs nothing but the .onnx file. `EngineSession`
+is what every engine's session offers (this module's ONNX Runtime one, mammoseg.openvino_runtime's).
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ log = logging.getLogger(__name__)
 IO_SPEC_KEY = "mammoseg.io_spec"
 
 
-@dataclasses.dataclass(frozen=True)
-class Session:
-    """An ONNX Runtime session and the execution provider it really runs on."""
+class EngineSession:
+    """What export, predict, register and serving use of a loaded model, whatever runs it.
 
-    engine: ClassVar[str] = "onnxruntime"  # what predict's audit record names as the engine
+    Attributes:
+        engine: the engine's name, as export's report and predict's audit record write it.
+        provider: what it really runs on (an ONNX Runtime execution provider, an OpenVINO device).
+        fell_back: it runs on something other than what was asked for.
+    """
 
-    session: Any
+    engine: ClassVar[str]
     provider: str
-    requested: tuple[str, ...]
     fell_back: bool
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -41,9 +44,7 @@ class Session:
         Returns:
             (N, 2, H, W) float32 logits.
         """
-        input_name = self.session.get_inputs()[0].name
-        (logits,) = self.session.run(None, {input_name: np.ascontiguousarray(images, np.float32)})
-        return np.asarray(logits, np.float32)
+        raise NotImplementedError
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Run the model and apply its output activation (the I/O contract's sigmoid).
@@ -58,6 +59,24 @@ class Session:
             (N, 2, H, W) float32 probabilities [mass, calcification].
         """
         return sigmoid(self.run(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class Session(EngineSession):
+    """An ONNX Runtime session and the execution provider it really runs on."""
+
+    engine: ClassVar[str] = "onnxruntime"
+
+    session: Any
+    provider: str
+    requested: tuple[str, ...]
+    fell_back: bool
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Run the model: (N, C, H, W) float32 images in, (N, 2, H, W) float32 logits out."""
+        input_name = self.session.get_inputs()[0].name
+        (logits,) = self.session.run(None, {input_name: np.ascontiguousarray(images, np.float32)})
+        return np.asarray(logits, np.float32)
 
 
 def open_session(path: Path, threads: int = 0, prefer_cuda: bool = True) -> Session:

@@ -1,7 +1,8 @@
 """Serving: the registered model as an MLflow pyfunc that answers lesion probabilities (reads the .onnx).
 
-register logs each version with `loader_module="mammoseg.serving"` and the exported .onnx, byte for
-byte, as the model's data, so `mlflow models serve -m models:/NAME@champion --env-manager local` (or
+register logs each version with `loader_module="mammoseg.serving"` and the export's folder (the
+fp32 .onnx byte for byte, its export report and the files of the variants that passed their gates)
+as the model's data, so `mlflow models serve -m models:/NAME@champion --env-manager local` (or
 `mlflow.pyfunc.load_model`) in an environment with mammoseg installed answers a preprocessed image
 with the same probabilities predict computes: both call `Session.probabilities`. The answer is
 probabilities, not logits: what a caller thresholds with the model's own `threshold` (in the logged
@@ -21,17 +22,18 @@ import numpy as np
 from mammoseg import __version__
 from mammoseg.onnx_runtime import Session, open_session, read_io_spec
 from mammoseg.tracking import PyfuncModel
+from mammoseg.variants import exported_model_in
 
 log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "probabilities"
 
 
-def pyfunc_model(onnx_path: Path, spec: Mapping[str, Any]) -> PyfuncModel:
-    """Describe the served model register logs: this module as loader, the .onnx as its data.
+def pyfunc_model(export_folder: Path, spec: Mapping[str, Any]) -> PyfuncModel:
+    """Describe the served model register logs: this module as loader, the export's folder as its data.
 
     Args:
-        onnx_path: the exported fp32 .onnx.
+        export_folder: the exported fp32 .onnx, its export report and variant files (one model).
         spec: its I/O contract (read_io_spec).
 
     Returns:
@@ -48,7 +50,7 @@ def pyfunc_model(onnx_path: Path, spec: Mapping[str, Any]) -> PyfuncModel:
     requirements = tuple(f"{package}=={importlib.metadata.version(package)}"
                          for package in ("mlflow", "onnxruntime", "numpy")) + (f"mammoseg=={__version__}",)
     return PyfuncModel(
-        loader_module=__name__, data_path=onnx_path,
+        loader_module=__name__, data_path=export_folder,
         inputs={name: (-1, channels, -1, -1)}, outputs={OUTPUT_NAME: (-1, len(spec["output"]["channels"]), -1, -1)},
         input_example={name: np.zeros((1, channels, multiple, multiple), np.float32)}, requirements=requirements,
         metadata={"threshold": spec["threshold"], "classes": spec["output"]["channels"],
@@ -87,12 +89,15 @@ class LesionProbabilities:
 
 
 def _load_pyfunc(data_path: str) -> LesionProbabilities:
-    """Open the logged .onnx for MLflow's pyfunc loader (the `loader_module` hook's fixed name).
+    """Open the logged fp32 .onnx for MLflow's pyfunc loader (the `loader_module` hook's fixed name).
 
     ONNX Runtime picks CUDA where onnxruntime-gpu can use it and one thread per core otherwise:
-    a server has the machine to itself.
+    a server has the machine to itself. The server answers the fp32 model's probabilities, which
+    the variants' export gates compare with; versions registered before the export folder was
+    logged hold the .onnx alone.
     """
     path = Path(data_path)
+    path = exported_model_in(path) if path.is_dir() else path
     spec = read_io_spec(path)
     session = open_session(path, threads=0)
     log.info("serving %s (run %s) on %s", path.name, spec.get("training_run_id"), session.provider)

@@ -300,7 +300,7 @@ class PyfuncModel:
 
     Attributes:
         loader_module: the importable module whose `_load_pyfunc(data_path)` opens the model.
-        data_path: the file it opens, copied into the logged model byte for byte.
+        data_path: the file or folder it opens, copied into the logged model byte for byte.
         inputs: tensor name -> shape, -1 for a free dimension (the signature).
         outputs: tensor name -> shape, -1 for a free dimension.
         input_example: tensor name -> array, stored with the model; MLflow serves it once on logging.

@@ -64,6 +64,8 @@ requirements = list(project["dependencies"])
 if sys.argv[1] == "cuda":
     requirements = [r for r in requirements if not r.startswith("onnxruntime")]
     requirements += project["optional-dependencies"]["gpu"]
+else:  # export and predict run in the CPU image: OpenVINO's variants are built and gated there
+    requirements += project["optional-dependencies"]["openvino"]
 print("\n".join(requirements))
 EOF
 if [ "$variant" = cuda ]; then

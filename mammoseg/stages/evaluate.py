@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +127,39 @@ def score_native(dataset: Path, rows: pd.DataFrame, probabilities: ProbabilityFn
     Returns:
         Native Dice counts per target and the patient of each image.
     """
-    scores = NativeScores.empty()
+    return score_native_many(dataset, rows, {desc: probabilities}, threshold, batch_size, desc)[desc]
+
+
+def score_native_many(dataset: Path, rows: pd.DataFrame, models: Mapping[str, ProbabilityFn],
+                      threshold: float | np.ndarray, batch_size: int, desc: str = "score") -> dict[str, NativeScores]:
+    """Score several probability sources on the same images like `score_native`, reading each image once.
+
+    export gates its deployment variants this way: the stored images and the full-resolution native
+    masks, the costly part, are read once for all of them.
+
+    Args:
+        dataset: the preprocessed dataset (images, transforms, native_masks/).
+        rows: its index rows to score.
+        models: name -> the model, as a function of a batch of stored images.
+        threshold: decision threshold (a float, or one per class).
+        batch_size: images per call of each model.
+        desc: progress-bar label.
+
+    Returns:
+        name -> native Dice counts per target and the patient of each image.
+    """
+    scores = {name: NativeScores.empty() for name in models}
     records = list(rows.itertuples(index=False))
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch", disable=None):
         batch = records[start:start + batch_size]
         images = np.stack([load_example(dataset, row)[0] for row in batch])
-        for row, probability in zip(batch, probabilities(images), strict=True):
-            truth = _targets(read_native_masks(dataset, row))
-            predicted = _targets(masks_on_dicom_grid(probability, Transform.from_record(row), threshold))
-            for target in TARGETS:
-                scores.counts[target].append(dice_counts(predicted[target], truth[target]))
-            scores.patients.append(str(row.patient_id))
+        truths = [_targets(read_native_masks(dataset, row)) for row in batch]
+        for name, probabilities in models.items():
+            for row, truth, probability in zip(batch, truths, probabilities(images), strict=True):
+                predicted = _targets(masks_on_dicom_grid(probability, Transform.from_record(row), threshold))
+                for target in TARGETS:
+                    scores[name].counts[target].append(dice_counts(predicted[target], truth[target]))
+                scores[name].patients.append(str(row.patient_id))
     return scores
 
 

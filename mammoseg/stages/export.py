@@ -1,10 +1,13 @@
 """Export: the trained model to ONNX with its I/O contract, gated by parity with PyTorch on the test split.
 
-Writes `--onnx-out` (fp32), deployment variants beside it (`<stem>.int8.onnx` for CPUs: static
-int8 QDQ calibrated on validation images; `<stem>.fp16.onnx` for GPUs) and `<stem>.export.json`
-with the parity results, the execution provider actually used and the latency of each variant.
-The fp32 export fails (and writes nothing) unless ONNX Runtime matches PyTorch; a variant that
-misses its looser gate is reported and not kept.
+Writes `--onnx-out` (fp32), the files of its deployment variants beside it (`<stem>.int8.onnx`:
+static int8 QDQ calibrated on validation images, run by ONNX Runtime and by OpenVINO;
+`<stem>.fp16.onnx` for GPUs) and `<stem>.export.json`: per variant (mammoseg.variants) its engine,
+precision, file, gate result and latency at `latency_size` (the network is fully convolutional),
+and the execution provider actually used. The fp32 export fails (and writes nothing) unless ONNX
+Runtime matches PyTorch. Every other variant is gated by its per-image native-grid Dice difference
+from fp32 on the test split; one that misses it is reported and never chosen, and a file that no
+passing variant runs is not kept.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.inference import TrainedModel, load_model, threshold_map
 from mammoseg.metrics import dice_counts, dice_from_counts
 from mammoseg.onnx_runtime import IO_SPEC_KEY, open_session, sigmoid
+from mammoseg.stages.evaluate import TARGETS, NativeScores, score_native_many
+from mammoseg.variants import (
+    OPENVINO_PRECISIONS,
+    VARIANTS,
+    Variant,
+    cannot_run_here,
+    open_variant,
+    report_path_for,
+    variant_path,
+)
 from model import export_onnx
 
 log = logging.getLogger(__name__)
@@ -45,16 +58,6 @@ class ExportResult:
     onnx_path: Path
     report_path: Path
     variants: dict[str, bool]
-
-
-def report_path_for(onnx_path: Path) -> Path:
-    """Return the export report written beside an exported model."""
-    return onnx_path.with_name(onnx_path.stem + ".export.json")
-
-
-def variant_path(onnx_path: Path, variant: str) -> Path:
-    """Return where a deployment variant of an exported model is written."""
-    return onnx_path.with_name(f"{onnx_path.stem}.{variant}.onnx")
 
 
 def io_spec(trained: TrainedModel, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -165,6 +168,14 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
     import onnx
 
     trained = load_model(model)
+    multiple = trained.network.size_multiple
+    if config.latency_size <= 0 or config.latency_size % multiple:
+        raise UserError(f"export.latency_size must be a positive multiple of {multiple} (the network's size "
+                        f"multiple), got {config.latency_size}")
+    unknown = sorted(set(config.openvino) - set(OPENVINO_PRECISIONS))
+    if unknown:
+        raise UserError(f"export.openvino lists {', '.join(unknown)}; OpenVINO variants are "
+                        f"{', '.join(OPENVINO_PRECISIONS)}")
     run_id = tracking.read_run_id(model)
     tags, _ = tracking.run_data(run_id)
     index, _ = read_dataset(dataset)
@@ -178,8 +189,10 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
     spec = io_spec(trained, run_id, tags)
     metadata = {IO_SPEC_KEY: json.dumps(spec, sort_keys=True), "threshold": json.dumps(list(trained.threshold)),
                 "training_run_id": run_id, "parameters": str(trained.parameters)}
+    latency_shape = (1, trained.network.in_channels, config.latency_size, config.latency_size)
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"run_id": run_id, "tolerances": dataclasses.asdict(config), "variants": {}}
+    report: dict[str, Any] = {"run_id": run_id, "tolerances": dataclasses.asdict(config),
+                              "latency_shape": list(latency_shape), "variants": {}}
     with tempfile.TemporaryDirectory(dir=onnx_out.parent) as tmp:
         staged = Path(tmp) / "model.onnx"
         export_onnx(trained.network, staged, metadata=metadata)
@@ -189,10 +202,10 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
             raise UserError(f"{onnx_out}: exported model fails onnx.checker ({str(exc).splitlines()[0]})") \
                 from None
         session = open_session(staged, threads=config.threads)
-        fp32 = parity(session, trained, examples, reference)
+        fp32 = {**_describe(VARIANTS["fp32"], onnx_out), **parity(session, trained, examples, reference)}
         fp32["passed"] = bool(fp32["max_abs_logit_diff"] <= config.parity_logit_atol
                           and fp32["max_image_dice_diff"] <= config.parity_dice_tolerance)
-        fp32["latency_s"] = latency_seconds(session, (1, *examples[0][0].shape), config.latency_repeats)
+        fp32["latency_s"] = latency_seconds(session, latency_shape, config.latency_repeats)
         report["variants"]["fp32"] = fp32
         if not fp32["passed"]:
             raise UserError(
@@ -200,8 +213,10 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
                 f"{fp32['max_abs_logit_diff']:.2e} > {config.parity_logit_atol:g} or max per-image Dice diff "
                 f"{fp32['max_image_dice_diff']:.4f} > {config.parity_dice_tolerance:g}); not exported")
         staged.replace(onnx_out)
-        _variants(config, onnx_out, trained, examples, reference, dataset, index, report)
-    report["sha256"] = sha256_of(onnx_out)
+        variants_started = time.perf_counter()
+        _variants(config, onnx_out, session, trained.threshold, dataset, index, test_rows, latency_shape, report)
+        log.info("variants built, gated and timed in %.1f s", time.perf_counter() - variants_started)
+    report["sha256"] = fp32["sha256"] = sha256_of(onnx_out)
     report_path = report_path_for(onnx_out)
     write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     with tracking.continue_run(run_id) as mlflow_run:
@@ -212,45 +227,90 @@ def run(config: ExportConfig, model: Path, dataset: Path, onnx_out: Path) -> Exp
         mlflow_run.set_tags({"export_parity": "passed", "onnx_sha256": report["sha256"]})
         mlflow_run.log_artifact(report_path, "export")
     for name, result in report["variants"].items():
-        log.info("%s: %s on %s, max |logit diff| %s, max Dice diff %s, latency %s", name,
-                 "passed" if result.get("passed") else result.get("skipped", "FAILED"), result.get("provider"),
-                 _fmt(result.get("max_abs_logit_diff")), _fmt(result.get("max_image_dice_diff")),
-                 _fmt(result.get("latency_s")))
+        log.info("%s (%s %s): %s on %s, max Dice diff %s (native, vs fp32) / %s (vs PyTorch), %s s per %dx%d image",
+                 name, result["engine"], result["precision"],
+                 "passed" if result.get("passed") else result.get("skipped", "FAILED"), result.get("provider", "-"),
+                 _fmt(result.get("max_native_dice_diff")), _fmt(result.get("max_image_dice_diff")),
+                 _fmt(result.get("latency_s")), config.latency_size, config.latency_size)
     return ExportResult(onnx_out, report_path,
                         {name: bool(result.get("passed")) for name, result in report["variants"].items()})
+
+
+def _describe(variant: Variant, onnx_out: Path) -> dict[str, Any]:
+    """The report fields that say what a variant is: its engine, precision and the file it runs."""
+    return {"engine": variant.engine, "precision": variant.precision,
+            "file": variant_path(onnx_out, variant.file).name}
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _variants(config: ExportConfig, onnx_out: Path, trained: TrainedModel, examples, reference, dataset: Path,
-              index: pd.DataFrame, report: dict[str, Any]) -> None:
-    """Build, gate and time the reduced-precision variants; drop those that miss the Dice gate."""
-    import onnxruntime as ort
+def max_native_dice_diff(variant: NativeScores, fp32: NativeScores) -> float:
+    """Largest per-image native-grid Dice difference between a variant and fp32, over every target.
 
-    builders = {}
-    if config.int8:
-        val_rows = index[index["split"] == "val"].head(config.calibration_images)
-        calibration = [image for image, _ in load_examples(dataset, val_rows)] or [examples[0][0]]
-        builders["int8"] = lambda path: _quantize_int8(onnx_out, path, calibration)
-    if config.fp16:
-        builders["fp16"] = lambda path: _convert_fp16(onnx_out, path)
-    for name, build in builders.items():
-        path = variant_path(onnx_out, name)
-        path.unlink(missing_ok=True)
-        if name == "fp16" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            # fp16 kernels are a GPU path: ONNX Runtime's CPU provider lacks most of them.
-            report["variants"][name] = {"skipped": "no CUDA execution provider here", "passed": False}
-            continue
-        build(path)
-        session = open_session(path, threads=config.threads)
-        result = parity(session, trained, examples, reference)
-        result["passed"] = bool(result["max_image_dice_diff"] <= config.variant_dice_tolerance)
-        result["latency_s"] = latency_seconds(session, (1, *examples[0][0].shape), config.latency_repeats)
-        result["sha256"] = sha256_of(path)
-        report["variants"][name] = result
-        if not result["passed"]:
-            log.warning("%s variant misses the Dice gate (%.4f > %g): not kept", name,
-                        result["max_image_dice_diff"], config.variant_dice_tolerance)
-            path.unlink()
+    An image where both find nothing of a target (Dice undefined for both) does not count; where
+    only one does, its Dice is taken as 0.
+    """
+    diffs = [0.0]
+    for target in TARGETS:
+        for ours, theirs in zip(variant.counts[target], fp32.counts[target], strict=True):
+            a, b = dice_from_counts(*ours), dice_from_counts(*theirs)
+            if not (np.isnan(a) and np.isnan(b)):
+                diffs.append(float(abs(np.nan_to_num(a) - np.nan_to_num(b))))
+    return max(diffs)
+
+
+def _variants(config: ExportConfig, onnx_out: Path, fp32_session, threshold: Sequence[float], dataset: Path,
+              index: pd.DataFrame, test_rows: pd.DataFrame, latency_shape: tuple[int, ...],
+              report: dict[str, Any]) -> None:
+    """Build, gate and time the deployment variants; keep only the files a passing variant runs.
+
+    The gate: each variant's per-image Dice on the DICOM grid (evaluate's scoring) differs from the
+    fp32 model's by at most `variant_dice_tolerance` on every test image and target.
+    """
+    wanted = [name for name, on in (("int8", config.int8), ("fp16", config.fp16)) if on]
+    wanted += [f"openvino_{precision}" for precision in config.openvino]
+    runnable = []
+    for name in wanted:
+        variant = VARIANTS[name]
+        reason = cannot_run_here(variant)
+        if reason:
+            report["variants"][name] = {**_describe(variant, onnx_out), "skipped": reason, "passed": False}
+        else:
+            runnable.append(variant)
+    files = {variant.file for variant in runnable} - {"fp32"}
+    for file in {variant.file for variant in VARIANTS.values()} - {"fp32"}:
+        variant_path(onnx_out, file).unlink(missing_ok=True)  # a previous export's: it describes another model
+    for file in files:
+        path = variant_path(onnx_out, file)
+        if file == "int8":
+            val_rows = index[index["split"] == "val"].head(config.calibration_images)
+            calibration = [image for image, _ in load_examples(dataset, val_rows)] or \
+                [load_examples(dataset, test_rows.head(1))[0][0]]
+            _quantize_int8(onnx_out, path, calibration)
+        else:
+            _convert_fp16(onnx_out, path)
+    sessions = {variant.name: open_variant(variant_path(onnx_out, variant.file), variant, config.threads)
+                for variant in runnable}
+    if not sessions:
+        return
+    # Batches of one: an OpenVINO session compiles once per input shape.
+    scores = score_native_many(dataset, test_rows, {"fp32": fp32_session.probabilities,
+                                                    **{name: s.probabilities for name, s in sessions.items()}},
+                               np.asarray(threshold, np.float32), batch_size=1, desc="gate variants")
+    for variant in runnable:
+        session = sessions[variant.name]
+        diff = max_native_dice_diff(scores[variant.name], scores["fp32"])
+        report["variants"][variant.name] = {
+            **_describe(variant, onnx_out), "images": len(test_rows), "max_native_dice_diff": diff,
+            "passed": bool(diff <= config.variant_dice_tolerance), "provider": session.provider,
+            "provider_fell_back": session.fell_back,
+            "latency_s": latency_seconds(session, latency_shape, config.latency_repeats),
+            "sha256": sha256_of(variant_path(onnx_out, variant.file))}
+        if diff > config.variant_dice_tolerance:
+            log.warning("%s variant misses the Dice gate (%.4f > %g): never chosen", variant.name, diff,
+                        config.variant_dice_tolerance)
+    kept = {VARIANTS[name].file for name, result in report["variants"].items() if result.get("passed")}
+    for file in files - kept:
+        variant_path(onnx_out, file).unlink()

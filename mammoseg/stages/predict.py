@@ -2,11 +2,13 @@
 
 The model comes from the registry (`models:/NAME@champion`, `models:/NAME/VERSION`) or a local
 .onnx file; its metadata carries the preprocessing contract and the threshold, so nothing else is
-configured. For each input: `<stem>_mask.png` (mass = 1, calcification = 2 on the original grid and
-orientation; 0 elsewhere), `<stem>_overlay.png`, `<stem>_seg.dcm`, a DICOM SEG that references the
-source image so PACS viewers can display it, and `<stem>.json`, the audit record: the registered
-name, version and alias resolved, the ONNX sha256, engine, variant and provider, the preprocessing
-transform.
+configured. The engine and variant that run are chosen from the export report that travels with
+the model (`--engine auto`: the fastest that passed its export gate and can run here; see
+mammoseg.variants). For each input: `<stem>_mask.png` (mass = 1, calcification = 2 on the original
+grid and orientation; 0 elsewhere), `<stem>_overlay.png`, `<stem>_seg.dcm`, a DICOM SEG that
+references the source image so PACS viewers can display it, and `<stem>.json`, the audit record: the
+registered name, version and alias resolved, the sha256 of the ONNX file that ran, the engine,
+variant, precision and provider, the preprocessing transform.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
 from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.inbreast import parse_dicom_name
-from mammoseg.onnx_runtime import open_session, read_io_spec, variant_of
+from mammoseg.onnx_runtime import EngineSession, read_io_spec
 from mammoseg.overlays import overlay_rgb, save_png
 from mammoseg.preprocessing import (
     Preprocessed,
@@ -39,6 +41,7 @@ from mammoseg.preprocessing import (
     masks_on_dicom_grid,
     preprocess,
 )
+from mammoseg.variants import Variant, choose, exported_model_in, open_variant, read_report, variant_path
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,9 @@ class ResolvedModel:
 
     Attributes:
         uri: the reference as given: models:/NAME@ALIAS, models:/NAME/VERSION or a file path.
-        onnx_path: the local .onnx file that runs.
+        onnx_path: the local .onnx file: the exported fp32 model, or a variant's file given directly.
         onnx_sha256: that file's sha256.
-        variant: what the file is: "fp32", "int8" or "fp16" (export's variant names).
+        report: its export report (the variants, their gates and latencies); None where there is none.
         registered_name: the registered model's name; None for a local file.
         version: the version the reference resolved to; None for a local file.
         alias: the alias it resolved through; None for a version or a local file.
@@ -76,7 +79,7 @@ class ResolvedModel:
     uri: str
     onnx_path: Path
     onnx_sha256: str
-    variant: str
+    report: dict[str, Any] | None = None
     registered_name: str | None = None
     version: str | None = None
     alias: str | None = None
@@ -84,7 +87,7 @@ class ResolvedModel:
     def record(self) -> dict[str, Any]:
         """Return the JSON-ready audit fields (the local path is left out: it is a temporary download)."""
         return {"uri": self.uri, "registered_name": self.registered_name, "version": self.version,
-                "alias": self.alias, "onnx_sha256": self.onnx_sha256, "variant": self.variant}
+                "alias": self.alias}
 
 
 def resolve_model(model: str, work_dir: Path) -> ResolvedModel:
@@ -102,20 +105,47 @@ def resolve_model(model: str, work_dir: Path) -> ResolvedModel:
         if found is None:
             raise UserError(f"{model}: no such registered model, version or alias")
         local = tracking.download_model_artifacts(f"models:/{name}/{found.version}", work_dir)
-        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-        if not candidates:
-            raise UserError(f"{model}: the registered model holds no .onnx file")
-        onnx_path = candidates[0]
+        onnx_path = exported_model_in(local) if local.is_dir() else local
         digest = sha256_of(onnx_path)
         recorded = found.tags.get("onnx_sha256")
         if recorded and recorded != digest:
             raise UserError(f"{model}: version {found.version}'s .onnx has sha256 {digest[:12]}..., the registry "
                             f"recorded {recorded[:12]}... at registration; refusing a model that changed")
-        return ResolvedModel(model, onnx_path, digest, variant_of(onnx_path), name, found.version, alias)
+        return ResolvedModel(model, onnx_path, digest, read_report(onnx_path, digest), name, found.version, alias)
     path = Path(model)
     if path.suffix != ".onnx" or not path.is_file():
         raise UserError(f"{model}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI, nor an existing .onnx file")
-    return ResolvedModel(model, path, sha256_of(path), variant_of(path))
+    digest = sha256_of(path)
+    return ResolvedModel(model, path, digest, read_report(path, digest))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """The variant predict runs, its file and its session."""
+
+    variant: Variant
+    path: Path
+    sha256: str
+    session: EngineSession
+
+
+def load_variant(resolved: ResolvedModel, engine: str, threads: int) -> LoadedModel:
+    """Choose the variant to run (mammoseg.variants.choose) and open it, checking its file's digest.
+
+    Raises:
+        UserError: no variant of the engine can run, or a variant's file is not the one export wrote.
+    """
+    variant = choose(resolved.onnx_path, resolved.report, engine)
+    if resolved.report is None:
+        path, digest = resolved.onnx_path, resolved.onnx_sha256
+    else:
+        path = variant_path(resolved.onnx_path, variant.file)
+        digest = sha256_of(path) if path != resolved.onnx_path else resolved.onnx_sha256
+        recorded = resolved.report["variants"][variant.name].get("sha256")
+        if recorded and recorded != digest:
+            raise UserError(f"{path}: sha256 {digest[:12]}... differs from the {recorded[:12]}... its export report "
+                            "recorded; refusing a file that changed")
+    return LoadedModel(variant, path, digest, open_variant(path, variant, threads))
 
 
 def laterality(path: Path, header_laterality: str | None, pixels: np.ndarray,
@@ -202,7 +232,7 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
     """Segment each input DICOM and write its mask, overlay and DICOM SEG.
 
     Args:
-        config: threads and overlay size.
+        config: engine, threads and overlay size.
         model: models:/NAME@ALIAS, models:/NAME/VERSION or a local .onnx file.
         input: DICOM files and folders of them (searched recursively).
         out: output folder.
@@ -224,15 +254,17 @@ def run(config: PredictConfig, model: str, input: list[Path], out: Path) -> Pred
     with tempfile.TemporaryDirectory() as download_dir:
         resolved = resolve_model(model, Path(download_dir))
         spec = read_io_spec(resolved.onnx_path)
-        session = open_session(resolved.onnx_path, threads=config.threads)
+        loaded = load_variant(resolved, config.engine, config.threads)
+        session = loaded.session
         registered = f" = {resolved.registered_name} version {resolved.version}" if resolved.version else ""
-        log.info("model %s%s (run %s, %s, sha256 %s) on %s %s%s", model, registered, spec.get("training_run_id"),
-                 resolved.variant, resolved.onnx_sha256[:12], session.engine, session.provider,
-                 " (fell back from CUDA)" if session.fell_back else "")
+        log.info("model %s%s (run %s): %s (%s, sha256 %s) on %s %s%s", model, registered,
+                 spec.get("training_run_id"), loaded.variant.name, loaded.path.name, loaded.sha256[:12],
+                 session.engine, session.provider, " (fell back from CUDA)" if session.fell_back else "")
         params = PreprocessParams.from_dict(spec["preprocessing"])
         threshold = np.asarray(spec["threshold"], np.float32)  # one per class
-        audit = {"model": {**resolved.record(), "training_run_id": spec.get("training_run_id")},
-                 "engine": session.engine, "provider": session.provider}
+        audit = {"model": {**resolved.record(), "onnx_sha256": loaded.sha256, "variant": loaded.variant.name,
+                           "training_run_id": spec.get("training_run_id")},
+                 "engine": session.engine, "precision": loaded.variant.precision, "provider": session.provider}
         started = time.perf_counter()
         for path in tqdm(files, desc="predict", unit="image", disable=None):
             _predict_one(path, session, params, threshold, config, out, spec, audit)

@@ -3,7 +3,9 @@
 Reads the .onnx and its export report, the training run's test metrics (written by evaluate) and the
 preprocessed dataset (to re-score a champion); writes a model version, its aliases, tags and
 description, and optionally a decision JSON. The version is a pyfunc model (mammoseg.serving) that
-holds the .onnx byte for byte, so `mlflow models serve` answers the probabilities predict computes.
+holds the .onnx byte for byte, so `mlflow models serve` answers the probabilities predict computes,
+with its export report and the files of the deployment variants that passed their export gates, so
+predict can run the fastest of them; one `variant_<name>` tag per variant says what export found.
 
 The gate (params.yaml `register:`): every new version becomes @challenger. @champion moves to it only when
 
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ from mammoseg.metrics import paired_bootstrap
 from mammoseg.onnx_runtime import open_session, read_io_spec
 from mammoseg.preprocessing import PreprocessParams
 from mammoseg.stages.evaluate import TARGETS, score_native
-from mammoseg.stages.export import report_path_for
+from mammoseg.variants import VARIANTS, exported_model_in, report_path_for, variant_path
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +151,7 @@ def compare_with_champion(config: RegisterConfig, dataset: Path, onnx: Path, spe
     kind = _statistic(config.metric)
     with tempfile.TemporaryDirectory() as work:
         local = tracking.download_model_artifacts(f"models:/{config.name}/{champion.version}", Path(work))
-        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-        if not candidates:
-            return ChampionComparison(False, f"champion v{champion.version} holds no .onnx file")
-        champion_onnx = candidates[0]
+        champion_onnx = exported_model_in(local) if local.is_dir() else local
         champion_spec = read_io_spec(champion_onnx)
         if PreprocessParams.from_dict(champion_spec["preprocessing"]) != PreprocessParams.from_dict(contract):
             # Another input size or normalisation: this dataset's stored images are not its input.
@@ -196,6 +196,9 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
     if not dataset.is_dir():
         raise UserError(f"{dataset}: dataset folder not found")
     onnx_sha = sha256_of(onnx)
+    if report.get("sha256") != onnx_sha:
+        raise UserError(f"{report_path}: this export report describes another model than {onnx.name} (sha256 "
+                        "differs); run `mammoseg export` again")
     tags, metrics = tracking.run_data(run_id)
     if config.metric not in metrics:
         raise UserError(f"MLflow run {run_id} has no {config.metric} (run `mammoseg evaluate` first)")
@@ -222,8 +225,11 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
                    "parity": "passed",
                    "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
                    config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
+        lineage.update(variant_tags(report))
         # Upload first, register second: an interrupted upload leaves no version behind.
-        model_uri = tracking.log_pyfunc_model(run_id, serving.pyfunc_model(onnx, spec))
+        with tempfile.TemporaryDirectory() as staging:
+            folder = deployment_folder(onnx, report, Path(staging) / "export")
+            model_uri = tracking.log_pyfunc_model(run_id, serving.pyfunc_model(folder, spec))
         version = tracking.create_version(name, model_uri, run_id,
                                           {k: v for k, v in lineage.items() if v is not None})
     tracking.set_alias(name, CHALLENGER, version.version)
@@ -263,6 +269,40 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
     result = RegisterResult(name, version.version, promoted, decision, False)
     _write_decision(decision_out, result, score, comparison, checks)
     return result
+
+
+def deployment_folder(onnx: Path, report: dict[str, Any], folder: Path) -> Path:
+    """Copy what a version ships into folder: the fp32 .onnx, its export report, the passing variants' files.
+
+    Raises:
+        UserError: a file the report says a passing variant runs is missing.
+    """
+    folder.mkdir(parents=True)
+    files = {onnx, report_path_for(onnx)}
+    files |= {variant_path(onnx, VARIANTS[name].file) for name, result in report["variants"].items()
+              if result.get("passed") and name in VARIANTS}
+    for path in sorted(files):
+        if not path.is_file():
+            raise UserError(f"{path}: missing, yet its export report lists a variant that runs it (run `mammoseg "
+                            "export` again)")
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def variant_tags(report: dict[str, Any]) -> dict[str, str]:
+    """One tag per variant of the export report: engine, precision, its gate and its latency."""
+    size = "x".join(str(side) for side in report.get("latency_shape", [])[-2:]) or "?"
+    tags = {}
+    for name, result in report["variants"].items():
+        what = f"{result.get('engine', 'onnxruntime')} {result.get('precision', name)}"
+        if "skipped" in result:
+            tags[f"variant_{name}"] = f"{what}: skipped ({result['skipped']})"
+            continue
+        diff = result.get("max_native_dice_diff", result.get("max_image_dice_diff", float("nan")))
+        latency = result.get("latency_s", float("nan"))
+        tags[f"variant_{name}"] = (f"{what}: {'passed' if result.get('passed') else 'FAILED'} its gate (max Dice "
+                                   f"diff {diff:.4f}), {latency:.3f} s per {size} image")
+    return tags
 
 
 def _description(config: RegisterConfig, score: float, checks: list[GateCheck], decision: str) -> str:

@@ -22,7 +22,7 @@ TINY_PARAMS = {
     "preprocess": {"size": 128},
     "train": {"epochs": 1, "batch_size": 4, "overlay_every": 0, "log_system_metrics": False, "num_workers": 0},
     "evaluate": {"bootstrap_resamples": 100},
-    "export": {"int8": False, "latency_repeats": 1},
+    "export": {"int8": False, "openvino": [], "latency_size": 128, "latency_repeats": 1},
 }
 
 

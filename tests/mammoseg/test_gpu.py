@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mammoseg.stages import export, train
+from mammoseg.variants import report_path_for
 from tests.conftest import TINY_TRAIN, stage_config_for
 
 
@@ -28,8 +29,9 @@ def test_cuda_execution_provider_is_used(trained_model, prepared_data, tracking_
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime without the CUDA provider (install onnxruntime-gpu)")
     out = tmp_path / "model.onnx"
-    export.run(stage_config_for("export", latency_repeats=1), trained_model, prepared_data.dataset, out)
-    report = json.loads(export.report_path_for(out).read_text())
+    export.run(stage_config_for("export", latency_size=256, latency_repeats=1), trained_model,
+               prepared_data.dataset, out)
+    report = json.loads(report_path_for(out).read_text())
     assert report["variants"]["fp32"]["provider"] == "CUDAExecutionProvider"
     assert report["variants"]["fp16"]["passed"] is True
     assert torch.cuda.is_available()

@@ -24,7 +24,8 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from mammoseg.errors import UserError
 from mammoseg.onnx_runtime import read_io_spec
 from mammoseg.preprocessing import PreprocessParams, Transform
-from mammoseg.stages import export, predict
+from mammoseg.stages import predict
+from mammoseg.variants import VARIANTS, report_path_for, variant_path
 from tests.conftest import SERVED_MODEL, stage_config_for
 
 pytestmark = pytest.mark.slow
@@ -151,18 +152,30 @@ def _record(out: Path, stem: str) -> dict:
     return json.loads((out / f"{stem}.json").read_text())
 
 
+def _fastest_passing(exported: Path, engine: str | None = None) -> tuple[str, str, str]:
+    """(variant, engine, sha256 of its file): the export report's fastest variant that passed its gate."""
+    report = json.loads(report_path_for(exported).read_text())
+    passed = {name: result for name, result in report["variants"].items()
+              if result["passed"] and engine in (None, result["engine"])}
+    name = min(passed, key=lambda candidate: passed[candidate]["latency_s"])
+    file = exported.with_name(passed[name]["file"])
+    return name, passed[name]["engine"], hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def test_the_json_records_the_model_engine_variant_and_transform_that_ran(served_champion, exported, prepared_data,
                                                                        tracking_env, tmp_path):
     source = _source(prepared_data)
     spec = read_io_spec(exported)
-    digest = hashlib.sha256(exported.read_bytes()).hexdigest()
     uri = f"models:/{SERVED_MODEL}@champion"
+    # The registered version carries the variants: auto runs the fastest that passed, from its files.
+    variant, engine, digest = _fastest_passing(exported)
     _predict(uri, [source], tmp_path / "alias")
     record = _record(tmp_path / "alias", source.stem)
     assert record["model"] == {"uri": uri, "registered_name": SERVED_MODEL, "version": served_champion,
-                               "alias": "champion", "onnx_sha256": digest, "variant": "fp32",
+                               "alias": "champion", "onnx_sha256": digest, "variant": variant,
                                "training_run_id": spec["training_run_id"]}
-    assert (record["engine"], record["provider"]) == ("onnxruntime", "CPUExecutionProvider")
+    assert record["engine"] == engine and record["precision"] == VARIANTS[variant].precision
+    assert record["provider"] == ("CPU" if engine == "openvino" else "CPUExecutionProvider")
     params = PreprocessParams.from_dict(spec["preprocessing"])
     assert record["preprocessing"]["contract"] == params.to_dict()
     prepared = predict.network_input(source, params).prepared
@@ -170,15 +183,17 @@ def test_the_json_records_the_model_engine_variant_and_transform_that_ran(served
     assert record["preprocessing"]["intensity_window"] == [prepared.intensity_low, prepared.intensity_high]
 
     by_version = f"models:/{SERVED_MODEL}/{served_champion}"
-    _predict(by_version, [source], tmp_path / "version")
-    assert _record(tmp_path / "version", source.stem)["model"] | {"uri": uri, "alias": "champion"} == record["model"]
-    _predict(exported, [source], tmp_path / "file")
+    _predict(by_version, [source], tmp_path / "version", engine="onnxruntime")
+    variant, _, digest = _fastest_passing(exported, "onnxruntime")
+    assert _record(tmp_path / "version", source.stem)["model"] | {"uri": uri, "alias": "champion"} == {
+        **record["model"], "variant": variant, "onnx_sha256": digest}
+    _predict(exported, [source], tmp_path / "file", engine="onnxruntime")
     assert _record(tmp_path / "file", source.stem)["model"] == {
         "uri": str(exported), "registered_name": None, "version": None, "alias": None, "onnx_sha256": digest,
-        "variant": "fp32", "training_run_id": spec["training_run_id"]}
-    int8 = export.variant_path(exported, "int8")
-    if int8.exists():  # kept only where it passed its Dice gate
-        _predict(int8, [source], tmp_path / "int8")
+        "variant": variant, "training_run_id": spec["training_run_id"]}
+    int8 = variant_path(exported, "int8")
+    if int8.exists():  # kept only where a variant that runs it passed its Dice gate
+        _predict(int8, [source], tmp_path / "int8")  # a variant's file given directly runs as itself
         assert _record(tmp_path / "int8", source.stem)["model"]["variant"] == "int8"
 
 

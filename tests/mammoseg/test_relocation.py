@@ -18,7 +18,7 @@ import pytest
 
 from mammoseg.stages.ingest import rejected_list_path
 from mammoseg.synth import IMAGE_SIZES, scaled_size
-from tests.conftest import TINY_TRAIN, stage_config_for, tree_digest
+from tests.conftest import FAST_EXPORT, TINY_TRAIN, stage_config_for, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_each_stage_runs_from_moved_copies_of_its_inputs(prepared_data, tracking
 
     artifacts.move()
     onnx = artifacts.add("onnx")
-    export.run(stage_config_for("export", latency_repeats=1), artifacts["model"], artifacts["dataset"],
+    export.run(stage_config_for("export", **FAST_EXPORT), artifacts["model"], artifacts["dataset"],
                onnx / "model.onnx")
 
     artifacts.move()

@@ -16,7 +16,7 @@ import pytest
 from mammoseg import tracking
 from mammoseg.errors import UserError
 from mammoseg.stages import register, train
-from tests.conftest import AUTH_ADMIN, REPO_ROOT, TINY_TRAIN, stage_config_for
+from tests.conftest import AUTH_ADMIN, FAST_EXPORT, REPO_ROOT, TINY_TRAIN, stage_config_for
 
 
 def test_basic_auth_needs_credentials_and_never_records_them(mlflow_auth_server, prepared_data, tmp_path,
@@ -68,7 +68,7 @@ def test_interrupted_registration_converges(trained_model, prepared_data, tracki
     from mammoseg.stages import export
 
     onnx_path = tmp_path / "onnx" / "model.onnx"
-    export.run(stage_config_for("export", int8=False, latency_repeats=1), trained_model, prepared_data.dataset,
+    export.run(stage_config_for("export", **FAST_EXPORT), trained_model, prepared_data.dataset,
                onnx_path)
     config = stage_config_for("register", name="mammoseg-interrupted")
     client = mlflow.MlflowClient()

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OVERRIDES = ["validate.allowed_sizes=[332x256, 408x332]", "validate.min_images=8", "validate.min_patients=3",
              "preprocess.size=128", "train.epochs=2", "train.batch_size=4", "train.num_workers=0",
              "train.warmup_epochs=0", "train.log_system_metrics=false", "train.overlay_every=1",
-             "train.overlay_images=2", "evaluate.bootstrap_resamples=200"]
+             "train.overlay_images=2", "evaluate.bootstrap_resamples=200", "export.latency_size=128"]
 
 
 @pytest.fixture(scope="module")
