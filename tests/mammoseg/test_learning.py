@@ -56,7 +56,7 @@ def _write_learnable_dataset(root, images: int = 40, seed: int = 0):
 
 
 LEARN = {"epochs": 12, "batch_size": 4, "num_workers": 0, "overlay_every": 0, "log_system_metrics": False,
-         "warmup_epochs": 1, "min_epochs": 12, "patch_size": 0}
+         "warmup_epochs": 1, "min_epochs": 12, "patch_size": 0, "validate_every": 1}
 
 
 @pytest.fixture(scope="module")
