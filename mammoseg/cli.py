@@ -2,9 +2,10 @@
 
 Each stage's flags come from two places: its path arguments (declared here, inputs named for what
 they are, outputs ending in `-out`) and its params.yaml block (every scalar or list becomes a flag of
-the same name, so the defaults are written once). Stage modules are imported only when their
-subcommand runs, so `mammoseg --help` never imports torch. The Kubeflow pipeline has a command of its
-own (`mammoseg-pipeline`, in pipelines/): nothing here imports kfp, which a stage image need not have.
+the same name, so the defaults are written once); train and register also take LINEAGE_FLAGS, what
+they record they were made from. Stage modules are imported only when their subcommand runs, so
+`mammoseg --help` never imports torch. The Kubeflow pipeline has a command of its own
+(`mammoseg-pipeline`, in pipelines/): nothing here imports kfp, which a stage image need not have.
 """
 
 from __future__ import annotations
