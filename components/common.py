@@ -34,3 +34,18 @@ def stage_args(stage: str, params: str, *flags: str) -> list[str]:
         flags: the stage's path flags and their values (artifact path placeholders).
     """
     return [params, stage, *flags]
+
+
+def lineage_args(git_commit: str, git_dirty: str, data_dvc_hash: str, image_digest: str) -> list[str]:
+    """Return the lineage flags of `mammoseg train|register` (mammoseg.cli.LINEAGE_FLAGS).
+
+    The image holds no git checkout and no data.dvc, where the stage would read them otherwise.
+
+    Args:
+        git_commit: the commit (an input parameter placeholder).
+        git_dirty: "True" or "False" (likewise).
+        data_dvc_hash: the raw data's DVC directory hash (likewise).
+        image_digest: the digest of the image the task runs in (likewise).
+    """
+    return ["--git-commit", git_commit, "--git-dirty", git_dirty, "--data-dvc-hash", data_dvc_hash,
+            "--image-digest", image_digest]

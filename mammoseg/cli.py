@@ -2,9 +2,10 @@
 
 Each stage's flags come from two places: its path arguments (declared here, inputs named for what
 they are, outputs ending in `-out`) and its params.yaml block (every scalar or list becomes a flag of
-the same name, so the defaults are written once). Stage modules are imported only when their
-subcommand runs, so `mammoseg --help` never imports torch. The Kubeflow pipeline has a command of its
-own (`mammoseg-pipeline`, in pipelines/): nothing here imports kfp, which a stage image need not have.
+the same name, so the defaults are written once); train and register also take LINEAGE_FLAGS, what
+they record they were made from. Stage modules are imported only when their subcommand runs, so
+`mammoseg --help` never imports torch. The Kubeflow pipeline has a command of its own
+(`mammoseg-pipeline`, in pipelines/): nothing here imports kfp, which a stage image need not have.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ class StageSpec:
     module: str
     help: str
     paths: tuple[PathArg, ...]
+    lineage: bool = False  # takes the LINEAGE_FLAGS (it records what it was made from)
+
+
+# What train tags its run with and register its version's own register_* tags (mammoseg.tracking.Lineage).
+# Orchestrators whose stages run without the checkout (KFP pods: no .git, no data.dvc) give them; a
+# stage without them reads the checkout it runs in (cwd): its HEAD, whether tracked files differ from
+# it, data.dvc's hash. "" means the orchestrator does not know either.
+LINEAGE_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--git-commit", "commit of the code (default: the checkout's HEAD, 'unknown' outside one)"),
+    ("--git-dirty", "true|false: the code differs from the commit (default: the checkout's state, with its HEAD)"),
+    ("--data-dvc-hash", "DVC hash of the raw data, <md5>.dir (default: data.dvc's, else 'untracked')"),
+    ("--image-digest", "sha256 digest of the image the stage runs in (default: 'none', not in an image)"),
+)
 
 
 # The stages that every orchestrator runs, in order (dvc.yaml, MLproject, KFP components).
@@ -98,6 +112,7 @@ STAGES: dict[str, StageSpec] = {
             PathArg("--metrics-out", "JSON summary of the training (best epoch, validation Dice, threshold)"),
             PathArg("--validation-report", "validate's report folder, attached to the run", required=False),
         ),
+        lineage=True,
     ),
     "evaluate": StageSpec(
         "mammoseg.stages.evaluate",
@@ -126,6 +141,7 @@ STAGES: dict[str, StageSpec] = {
             PathArg("--dataset", "preprocessed dataset the model was tested on (re-scores the champion)"),
             PathArg("--decision-out", "JSON with the version and the promotion decision", required=False),
         ),
+        lineage=True,
     ),
     "predict": StageSpec(
         "mammoseg.stages.predict",
@@ -192,6 +208,10 @@ def build_parser(params: dict[str, Any] | None = None) -> argparse.ArgumentParse
                              required=path.required, help=path.help.replace("%", "%%"))
         if name in STAGE_CONFIGS:
             _add_config_flags(sub, name, params.get(name) or {})
+        if spec.lineage:
+            group = sub.add_argument_group("lineage: what train tags its run with, register its register_* tags")
+            for flag, text in LINEAGE_FLAGS:
+                group.add_argument(flag, default=None, metavar=flag.lstrip("-").split("-")[-1].upper(), help=text)
     return parser
 
 
@@ -228,6 +248,11 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def _dest(flag: str) -> str:
+    """Return the argparse destination of a flag (`--model-out` -> `model_out`)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def run_stage(name: str, args: argparse.Namespace, params: dict[str, Any], params_path: Path | None) -> int:
     """Build the stage config from params + flags and call the stage's run(config, **paths)."""
     spec = STAGES[name]
@@ -235,10 +260,15 @@ def run_stage(name: str, args: argparse.Namespace, params: dict[str, Any], param
     if name in STAGE_CONFIGS:
         overrides = {f.name: getattr(args, f.name) for f in overridable_fields(STAGE_CONFIGS[name])}
         config = stage_config(name, params, overrides, params_path)
-    paths = {p.flag.lstrip("-").replace("-", "_"): getattr(args, p.flag.lstrip("-").replace("-", "_"))
-             for p in spec.paths}
+    paths = {_dest(p.flag): getattr(args, _dest(p.flag)) for p in spec.paths}
     module = importlib.import_module(spec.module)
-    result = module.run(config, **paths)
+    if spec.lineage:
+        from mammoseg import tracking
+
+        with tracking.given_lineage(**{_dest(flag): getattr(args, _dest(flag)) for flag, _ in LINEAGE_FLAGS}):
+            result = module.run(config, **paths)
+    else:
+        result = module.run(config, **paths)
     exit_code = getattr(result, "exit_code", 0)
     return int(exit_code)
 

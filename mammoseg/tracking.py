@@ -9,10 +9,12 @@ run; evaluate, export and register continue it through the run id recorded with 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -111,6 +113,110 @@ def dvc_data_hash(repo: Path | None = None) -> str | None:
             if str(dep.get("path", "")).startswith("data") and dep.get("md5"):
                 return str(dep["md5"])
     return None
+
+
+# --- Lineage: what a training run (and so a registered version) was made from -----------------------
+
+# The values a lineage tag takes when it is not known; a stage never guesses.
+UNKNOWN, UNTRACKED, NO_IMAGE = "unknown", "untracked", "none"
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 and SHA-256 repositories
+_DATA_HASH = re.compile(r"[0-9a-f]{32}(\.dir)?")  # DVC's md5: data.dvc's <md5>.dir for a folder
+_IMAGE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """What a run or a registry version was made from, as the text of its tags.
+
+    Attributes:
+        git_commit: the commit of the code; "unknown" outside a git checkout.
+        git_dirty: "True" when tracked files differ from the commit, "False", or "unknown".
+        data_dvc_hash: the DVC hash of the raw data (data.dvc's `<md5>.dir`); "untracked" without one.
+        image_digest: the container image the stage ran in (sha256:...); "none" when none was given
+            (a run from a checkout), "unknown" for an image whose digest its orchestrator did not know.
+    """
+
+    git_commit: str
+    git_dirty: str
+    data_dvc_hash: str
+    image_digest: str
+
+    def tags(self) -> dict[str, str]:
+        """Return the lineage as tags (their names are the field names)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> Lineage:
+        """Read the lineage a training run was tagged with ("unknown" for a tag it lacks: an older run)."""
+        return cls(**{field.name: tags.get(field.name) or UNKNOWN for field in dataclasses.fields(cls)})
+
+
+# What `mammoseg train|register` were given on their command line (--git-commit ...): set by the CLI
+# around the stage call, read by `lineage()`. A context variable, so a stage function's signature
+# stays paths and config, and an in-process call (tests) never leaks it to the next one.
+_GIVEN_LINEAGE: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("given_lineage",
+                                                                                         default=None)
+
+
+def _given_value(name: str, value: str, pattern: re.Pattern[str], empty: str, what: str) -> str:
+    """Check one given lineage value; "" and the field's own 'not known' word mean not known."""
+    if value in ("", empty):
+        return empty
+    if not pattern.fullmatch(value):
+        raise UserError(f"--{name.replace('_', '-')} {value!r}: expected {what}")
+    return value
+
+
+@contextlib.contextmanager
+def given_lineage(git_commit: str | None = None, git_dirty: str | None = None, data_dvc_hash: str | None = None,
+                  image_digest: str | None = None) -> Iterator[None]:
+    """Within the block, `lineage()` returns these values (None: not given) over the checkout's.
+
+    Orchestrators whose stages run without the checkout (KFP pods: no .git, no data.dvc) give them;
+    "" stands for a value they do not know either ("unknown", or "untracked" for the data hash).
+
+    Raises:
+        UserError: a value that is not a commit, true/false, a DVC hash or an image digest.
+    """
+    values: dict[str, str] = {}
+    if git_commit is not None:
+        values["git_commit"] = _given_value("git_commit", git_commit.lower(), _COMMIT, UNKNOWN,
+                                            "a full git commit (40 or 64 hex digits)")
+    if git_dirty is not None:
+        dirty = {"true": "True", "false": "False", "": UNKNOWN, UNKNOWN: UNKNOWN}.get(git_dirty.lower())
+        if dirty is None:
+            raise UserError(f"--git-dirty {git_dirty!r}: expected true or false")
+        values["git_dirty"] = dirty
+    if data_dvc_hash is not None:
+        values["data_dvc_hash"] = _given_value("data_dvc_hash", data_dvc_hash, _DATA_HASH, UNTRACKED,
+                                               "a DVC md5 (<32 hex digits>.dir for a folder, as in data.dvc)")
+    if image_digest is not None:
+        values["image_digest"] = _given_value("image_digest", image_digest, _IMAGE_DIGEST, UNKNOWN,
+                                              "sha256:<64 hex digits>")
+    token = _GIVEN_LINEAGE.set(values)
+    try:
+        yield
+    finally:
+        _GIVEN_LINEAGE.reset(token)
+
+
+def lineage(repo: Path | None = None) -> Lineage:
+    """Return this stage's lineage: the values given to it (`given_lineage`), else the checkout's.
+
+    The dirty state comes from the checkout only with its commit: the checkout's state says nothing
+    about a commit given from elsewhere.
+
+    Args:
+        repo: the checkout (cwd by default).
+    """
+    given = _GIVEN_LINEAGE.get() or {}
+    if "git_commit" in given:
+        commit, dirty = given["git_commit"], given.get("git_dirty", UNKNOWN)
+    else:
+        commit, is_dirty = git_state(repo)
+        dirty = given.get("git_dirty", UNKNOWN if commit == UNKNOWN else str(is_dirty))
+    data_hash = given["data_dvc_hash"] if "data_dvc_hash" in given else dvc_data_hash(repo) or UNTRACKED
+    return Lineage(commit, dirty, data_hash, given.get("image_digest", NO_IMAGE))
 
 
 @dataclasses.dataclass

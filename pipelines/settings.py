@@ -1,8 +1,10 @@
 """Compile-time settings: reads params.yaml (the stage blocks and `pipeline:`) and data.dvc.
 
 The pipeline's defaults are taken from here when it is compiled: each stage's params.yaml block
-becomes the default of one pipeline parameter (one-line JSON), the data hash comes from data.dvc, and the
-`pipeline:` block sets names, resources, retries and secrets. `--set stage.key=value` edits a block
+becomes the default of one pipeline parameter (one-line JSON), the data hash comes from data.dvc, the
+git commit and dirty state from the checkout holding params.yaml (the lineage train and register
+record: their image has no checkout), and the `pipeline:` block sets names, resources, retries and
+secrets. `--set stage.key=value` edits a block
 before that, like `dvc exp run -S`.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -144,11 +147,15 @@ class CompileInputs:
         pipeline: the `pipeline:` block.
         stage_params: stage name -> its params.yaml block as one-line JSON (the parameter defaults).
         data_hash: the directory hash of data/inbreast from data.dvc ("" when there is none).
+        git_commit: the checkout's HEAD ("unknown" outside a git checkout).
+        git_dirty: "True" when tracked files differ from HEAD, "False", "unknown" outside a checkout.
     """
 
     pipeline: PipelineSettings
     stage_params: dict[str, str]
     data_hash: str
+    git_commit: str
+    git_dirty: str
 
 
 def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
@@ -188,6 +195,22 @@ def read_data_hash(data_dvc: Path) -> str:
         raise SettingsError(f"{data_dvc}: no outs[0].md5 (not a .dvc file of one directory)") from None
 
 
+def read_git_state(checkout: Path) -> tuple[str, str]:
+    """Return (HEAD, "True"|"False" dirty) of the git checkout holding a folder; ("unknown", "unknown") if none.
+
+    The rule of mammoseg.tracking.git_state, which a stage applies where it runs from a checkout (this
+    package does not import mammoseg; tests/pipelines hold the two to the same answer).
+    """
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=checkout, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", "unknown"
+    return commit, str(bool(status))
+
+
 def load_compile_inputs(params_path: Path | None = None, overrides: Mapping[str, Any] | None = None,
                         data_dvc: Path | None = None) -> CompileInputs:
     """Read params.yaml (with overrides) and data.dvc into the pipeline's compile-time inputs.
@@ -224,4 +247,4 @@ def load_compile_inputs(params_path: Path | None = None, overrides: Mapping[str,
     data_dvc = data_dvc or params_path.parent / "data.dvc"
     settings = PipelineSettings(**block)
     check_settings(settings)
-    return CompileInputs(settings, stage_params, read_data_hash(data_dvc))
+    return CompileInputs(settings, stage_params, read_data_hash(data_dvc), *read_git_state(params_path.parent))

@@ -12,6 +12,11 @@ Pipeline parameters:
         rebuilt image under the same tag re-runs the tasks.
     <stage>_params: the stage's params.yaml block as one-line JSON, one per stage, so a changed block
         re-runs its stage and what depends on it, and nothing upstream.
+    git_commit, git_dirty: the checkout's HEAD and whether tracked files differed from it, when
+        compiled. With data_hash and each task's image digest they are the lineage that train tags
+        its MLflow run with and register its version's register_* tags with (the images hold no
+        checkout and no data.dvc). As inputs of train they are part of its cache key: a pipeline
+        compiled at another commit trains again, so a run's commit is always the code that trained.
     train_device: train's torch device (pipeline.train_device, cuda); `run --local` passes cpu.
 
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
@@ -133,6 +138,8 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
         register_params: str = defaults["register"],
         checkpoint_dir: str = CHECKPOINT_MOUNT if settings.checkpoint_pvc else "",
         train_device: str = settings.train_device,
+        git_commit: str = inputs.git_commit,
+        git_dirty: str = inputs.git_dirty,
     ) -> dsl.Artifact:
         raw = configure(data(data_uri=data_uri, data_hash=data_hash, image_digest=image_digest), "data")
         _with_secret(raw, settings.s3_secret, S3_ENV)
@@ -152,7 +159,8 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
 
         trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
                                   validation_report=validated.outputs["report"], image_digest=train_image_digest,
-                                  checkpoint_dir=checkpoint_dir, device=train_device), "train", gpu=True)
+                                  checkpoint_dir=checkpoint_dir, device=train_device, git_commit=git_commit,
+                                  git_dirty=git_dirty, data_dvc_hash=data_hash), "train", gpu=True)
         if settings.checkpoint_pvc:
             checked = configure(check_checkpoint_volume(checkpoint_dir=checkpoint_dir), "check-checkpoint-volume")
             removed = configure(remove_run_checkpoints(checkpoint_dir=checkpoint_dir), "remove-run-checkpoints")
@@ -170,7 +178,9 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
         exported = configure(export(params=export_params, model=trained.outputs["model"],
                                     dataset=prepared.outputs["dataset"], image_digest=image_digest), "export")
         registered = configure(register(params=register_params, onnx=exported.outputs["onnx"],
-                                        dataset=prepared.outputs["dataset"], image_digest=image_digest), "register")
+                                        dataset=prepared.outputs["dataset"], image_digest=image_digest,
+                                        git_commit=git_commit, git_dirty=git_dirty, data_dvc_hash=data_hash),
+                             "register")
         # The promotion gate reads the test metric that evaluate logged to the training run.
         registered.after(evaluated)
         registered.set_caching_options(enable_caching=False)

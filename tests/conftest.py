@@ -141,6 +141,28 @@ def inbreast_folder(tmp_path: Path) -> InbreastFolder:
     return InbreastFolder(tmp_path / "inbreast")
 
 
+def run_git(repo: Path, *argv: str) -> str:
+    """Run git in `repo` (with an author, for commits) and return its stripped stdout."""
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *argv], cwd=repo,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+CHECKOUT_DATA_HASH = "0123456789abcdef0123456789abcdef.dir"
+
+
+@pytest.fixture
+def git_checkout(tmp_path: Path) -> Path:
+    """A real git checkout, clean: a tracked code.py and a data.dvc naming CHECKOUT_DATA_HASH."""
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    run_git(repo, "init", "-q")
+    (repo / "data.dvc").write_text(f"outs:\n- md5: {CHECKOUT_DATA_HASH}\n  path: inbreast\n")
+    (repo / "code.py").write_text("x = 1\n")
+    run_git(repo, "add", ".")
+    run_git(repo, "commit", "-q", "-m", "one")
+    return repo
+
+
 # --- real servers: moto_server (S3) and mlflow server, started once per test session -------------------
 
 def free_port() -> int:

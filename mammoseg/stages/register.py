@@ -6,6 +6,8 @@ description, and optionally a decision JSON. The version is a pyfunc model (mamm
 holds the .onnx byte for byte, so `mlflow models serve` answers the probabilities predict computes,
 with its export report and the files of the deployment variants that passed their export gates, so
 predict can run the fastest of them; one `variant_<name>` tag per variant says what export found.
+Its lineage tags (git_commit, git_dirty, data_dvc_hash, image_digest) are its training run's, the
+same wherever it was trained; `register_<tag>` records register's own (mammoseg.tracking.lineage).
 
 The gate (params.yaml `register:`): every new version becomes @challenger. @champion moves to it only when
 
@@ -219,8 +221,11 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
         version = existing[0]
         log.info("%s version %s was registered but not gated: resuming", name, version.version)
     else:
-        lineage = {"run_id": run_id, "data_dvc_hash": spec.get("data_dvc_hash") or "untracked",
-                   "git_commit": spec.get("git_commit"), "dataset_digest": spec.get("dataset_digest"),
+        # The model's lineage is its training run's (train tagged it with the code, data and image it
+        # ran on); register's own, under register_*, names the code that applied the gate.
+        lineage = {"run_id": run_id, **tracking.Lineage.from_tags(tags).tags(),
+                   **{f"register_{k}": v for k, v in tracking.lineage().tags().items()},
+                   "dataset_digest": spec.get("dataset_digest"),
                    "onnx_sha256": onnx_sha, "validation_success": tags.get("validation_success", "unknown"),
                    "parity": "passed",
                    "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],

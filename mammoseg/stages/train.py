@@ -598,9 +598,7 @@ def _log_run_inputs(mlflow_run: tracking.Run, trainer: _Trainer, config: TrainCo
     params.update({f"preprocess.{k}": v for k, v in trainer.contract.items()})
     params["model.parameters"] = trainer.parameters
     mlflow_run.log_params(params)
-    commit, dirty = tracking.git_state()
-    mlflow_run.set_tags({**_environment_tags(trainer.device, config), "git_commit": commit,
-                         "git_dirty": dirty, "data_dvc_hash": tracking.dvc_data_hash(),
+    mlflow_run.set_tags({**_environment_tags(trainer.device, config), **tracking.lineage().tags(),
                          "manifest_digest": trainer.contract.get("manifest_sha256"),
                          "dataset_digest": trainer.dataset_digest, "config_hash": trainer.hash,
                          "pipeline_run_id": config.pipeline_run_id or None})

@@ -105,6 +105,28 @@ def test_a_useless_model_is_registered_but_never_champion(exported, prepared_dat
     assert decision["promoted"] is False and any(not check["passed"] for check in decision["gate"])
 
 
+LINEAGE_TAGS = ("git_commit", "git_dirty", "data_dvc_hash", "image_digest")
+
+
+def test_the_version_carries_its_runs_lineage_and_register_records_its_own(exported, prepared_data, tracking_env):
+    from mammoseg.cli import main
+
+    name = f"{MODEL_NAME}-lineage"
+    given = {"git_commit": "e" * 40, "git_dirty": "True", "data_dvc_hash": "f" * 32 + ".dir",
+             "image_digest": "sha256:" + "9" * 64}
+    flags = [arg for key, value in given.items() for arg in (f"--{key.replace('_', '-')}", value)]
+    assert main(["--params", str(REPO_ROOT / "params.yaml"), "register", "--onnx", str(exported),
+                 "--dataset", str(prepared_data.dataset), "--name", name, *flags]) == 0
+    client = mlflow.MlflowClient(tracking_env.url)
+    version = client.get_model_version(name, "1")
+    run_tags = client.get_run(version.run_id).data.tags
+    # The session's model was trained here, from this checkout, in no image.
+    assert run_tags["git_commit"] == tracking.git_state(REPO_ROOT)[0] and run_tags["image_digest"] == "none"
+    assert run_tags["data_dvc_hash"] == tracking.dvc_data_hash(REPO_ROOT)
+    assert {key: version.tags[key] for key in LINEAGE_TAGS} == {key: run_tags[key] for key in LINEAGE_TAGS}
+    assert {key: version.tags[f"register_{key}"] for key in LINEAGE_TAGS} == given
+
+
 def test_register_gate_and_idempotency(trained_model, prepared_data, tracking_env, tmp_path):
     config = stage_config_for("register", name=MODEL_NAME)
     client = mlflow.MlflowClient(tracking_env.url)

@@ -1,4 +1,4 @@
-"""The tracking module against real servers: basic-auth, unreachable servers, interrupted registration."""
+"""The tracking module against real servers (basic-auth, unreachable servers, interrupted registration) and lineage."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ import pytest
 from mammoseg import tracking
 from mammoseg.errors import UserError
 from mammoseg.stages import register, train
-from tests.conftest import AUTH_ADMIN, FAST_EXPORT, REPO_ROOT, TINY_TRAIN, stage_config_for
+from tests.conftest import (
+    AUTH_ADMIN,
+    CHECKOUT_DATA_HASH,
+    FAST_EXPORT,
+    REPO_ROOT,
+    TINY_TRAIN,
+    run_git,
+    stage_config_for,
+)
 
 
 def test_basic_auth_needs_credentials_and_never_records_them(mlflow_auth_server, prepared_data, tmp_path,
@@ -97,3 +105,43 @@ def test_interrupted_registration_converges(trained_model, prepared_data, tracki
     assert len(client.search_model_versions("name = 'mammoseg-interrupted'")) == 1
     assert client.get_model_version_by_alias("mammoseg-interrupted", "challenger").version == half.version
     assert "promotion_decision" in client.get_model_version("mammoseg-interrupted", half.version).tags
+
+
+def test_lineage_falls_back_to_the_checkout(git_checkout, tmp_path):
+    head = run_git(git_checkout, "rev-parse", "HEAD")
+    assert tracking.lineage(git_checkout) == tracking.Lineage(head, "False", CHECKOUT_DATA_HASH, "none")
+    (git_checkout / "code.py").write_text("x = 2\n")
+    assert tracking.lineage(git_checkout).git_dirty == "True"
+    outside = tmp_path / "no-checkout"
+    outside.mkdir()
+    assert tracking.lineage(outside) == tracking.Lineage("unknown", "unknown", "untracked", "none")
+
+
+def test_given_lineage_wins_over_the_checkout_and_only_inside_its_block(git_checkout):
+    head = run_git(git_checkout, "rev-parse", "HEAD")
+    commit, data_hash, digest = "a" * 40, "b" * 32 + ".dir", "sha256:" + "c" * 64
+    with tracking.given_lineage(git_commit=commit, git_dirty="true", data_dvc_hash=data_hash, image_digest=digest):
+        assert tracking.lineage(git_checkout) == tracking.Lineage(commit, "True", data_hash, digest)
+    assert tracking.lineage(git_checkout).git_commit == head
+    # A given commit takes no dirty state from a checkout of another commit; "" is what nobody knows.
+    with tracking.given_lineage(git_commit=commit):
+        assert tracking.lineage(git_checkout) == tracking.Lineage(commit, "unknown", CHECKOUT_DATA_HASH, "none")
+    with tracking.given_lineage(git_commit="", git_dirty="", data_dvc_hash="", image_digest=""):
+        assert tracking.lineage(git_checkout) == tracking.Lineage("unknown", "unknown", "untracked", "unknown")
+    with tracking.given_lineage(image_digest=digest):
+        assert tracking.lineage(git_checkout) == tracking.Lineage(head, "False", CHECKOUT_DATA_HASH, digest)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--git-commit", "abc123", "--git-commit 'abc123': expected a full git commit (40 or 64 hex digits)"),
+    ("--git-dirty", "yes", "--git-dirty 'yes': expected true or false"),
+    ("--data-dvc-hash", "d41d8cd9", "--data-dvc-hash 'd41d8cd9': expected a DVC md5"),
+    ("--image-digest", "mammoseg:cpu", "--image-digest 'mammoseg:cpu': expected sha256:<64 hex digits>"),
+])
+def test_a_bad_lineage_flag_is_a_one_line_error(flag, value, message, tmp_path, capsys):
+    from mammoseg.cli import main
+
+    code = main(["--params", str(REPO_ROOT / "params.yaml"), "register", "--onnx", str(tmp_path / "m.onnx"),
+                 "--dataset", str(tmp_path), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"mammoseg: error: {message}") and len(err.splitlines()) == 1, err

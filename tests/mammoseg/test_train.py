@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mammoseg import tracking
 from mammoseg.errors import UserError
 from mammoseg.stages import train
 from tests.conftest import REPO_ROOT, TINY_TRAIN, stage_config_for, tree_digest
@@ -34,7 +35,11 @@ def test_training_run_carries_what_reviewers_need(prepared_data, tracking_env, t
     report.mkdir()
     (report / "summary.json").write_text('{"success": true}')
     config = stage_config_for("train", **{**TINY_TRAIN, "log_system_metrics": True, "pipeline_run_id": "kfp-123"})
-    result = train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json", report)
+    # As the KFP component gives it (its image holds no checkout); the session's trained_model has the
+    # checkout's (tests/mammoseg/test_registry.py).
+    lineage = tracking.Lineage("c" * 40, "False", "d" * 32 + ".dir", "sha256:" + "e" * 64)
+    with tracking.given_lineage(**lineage.tags()):
+        result = train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json", report)
 
     run = _client().get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -42,7 +47,7 @@ def test_training_run_carries_what_reviewers_need(prepared_data, tracking_env, t
     assert params["train.epochs"] == "2" and params["train.lr"] == str(config.lr)
     assert params["preprocess.size"] == "128" and int(params["model.parameters"]) == 5_440_932  # 2 input channels
     tags = run.data.tags
-    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
+    assert {key: tags[key] for key in lineage.tags()} == lineage.tags()
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["deterministic"] == "True" and tags["pipeline_run_id"] == "kfp-123"
     assert tags["validation_success"] == "true"

@@ -4,8 +4,9 @@ Starts the Docker engine (scripts/docker_engine.sh: installs docker.io + deboots
 builds the image offline on a debootstrapped Debian base (scripts/build_image.sh; an image whose content
 hash is already in the engine is reused), pushes a small generated dataset to a DVC remote in the
 session's moto S3, and runs `mammoseg-pipeline run --local` against the session's real MLflow server:
-the containers share the host network to reach both on 127.0.0.1. Skipped, with the reason, only when no
-engine can be started here.
+the containers share the host network to reach both on 127.0.0.1; the registered version must carry
+the lineage the pipeline was compiled with. Skipped, with the reason, only when no engine can be
+started here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mammoseg import tracking
+from pipelines.local import image_digest
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 
 # Test size: 8 patients at 0.1 scale, 128 px, 2 epochs (the generated sizes replace INbreast's two).
 OVERRIDES = ["validate.allowed_sizes=[332x256, 408x332]", "validate.min_images=8", "validate.min_patients=3",
@@ -123,6 +128,20 @@ def test_pipeline_trains_registers_and_the_gate_refuses_a_two_epoch_model(image,
     assert run.data.params["train.epochs"] == "2" and run.data.params["preprocess.size"] == "128"
     assert run.data.tags["validation_success"] == "true"
     assert "test_unet_dice_native_mean_image_all" in run.data.metrics
+
+    # Lineage: the images hold no checkout and no data.dvc, yet the version carries the same tags as
+    # one registered from a checkout, with the values the pipeline was compiled and run with.
+    compiled = next(yaml.safe_load_all((pipeline_root / f"{PARAMS['pipeline']['name']}.yaml").read_text()))
+    defaults = {k: v.get("defaultValue") for k, v in compiled["root"]["inputDefinitions"]["parameters"].items()}
+    commit, dirty = tracking.git_state(REPO_ROOT)
+    assert (defaults["git_commit"], defaults["git_dirty"]) == (commit, str(dirty)) and len(commit) == 40
+    assert defaults["image_digest"] == defaults["train_image_digest"] == image_digest(image)  # one image locally
+    expected = {"git_commit": commit, "git_dirty": str(dirty), "data_dvc_hash": dvc_data[1],
+                "image_digest": defaults["train_image_digest"]}
+    assert {key: run.data.tags[key] for key in expected} == expected
+    assert {key: challenger.tags[key] for key in expected} == expected
+    assert {key: challenger.tags[f"register_{key}"] for key in expected} == {**expected,
+                                                                            "image_digest": defaults["image_digest"]}
 
     # The artifacts laid out as the components declare them (files inside artifact folders).
     run_dir = decision_path.parents[2]

@@ -266,6 +266,63 @@ def test_caching_parameters_reach_every_task(ir):
         set(tasks) - {"register", *CHECKPOINT_TASKS})
 
 
+# The lineage inputs of train and register, and the pipeline parameter each one takes.
+LINEAGE_SOURCES = {"git_commit": "git_commit", "git_dirty": "git_dirty", "data_dvc_hash": "data_hash"}
+INPUT_PARAMETER = re.compile(r"\{\{\$\.inputs\.parameters\['(\w+)'\]\}\}")
+
+
+def _with_values(arg: str, values: dict[str, str]) -> str:
+    """Replace the input parameter placeholders of `values` in a command-line argument by their values."""
+    return INPUT_PARAMETER.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
+
+
+def test_lineage_reaches_train_and_register_as_the_checkouts_at_compile_time(ir, tmp_path):
+    """The images hold no checkout: what train tags its run with comes in as parameters, read by the CLI."""
+    from mammoseg import tracking
+    from mammoseg.cli import build_parser
+
+    spec, _ = ir
+    defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    commit, dirty = tracking.git_state(REPO_ROOT)
+    assert len(commit) == 40 and (defaults["git_commit"], defaults["git_dirty"]) == (commit, str(dirty))
+    for name, digest in (("train", "train_image_digest"), ("register", "image_digest")):
+        sources = {**LINEAGE_SOURCES, "image_digest": digest}
+        inputs = _tasks(spec)[name]["inputs"]["parameters"]
+        assert {key: inputs[key] for key in sources} == {
+            key: {"componentInputParameter": source} for key, source in sources.items()}, name
+        # The task's command line with the parameters at their defaults, as mammoseg's CLI reads it,
+        # resolved where no checkout is (a pod): exactly the compile-time values.
+        args = spec["deploymentSpec"]["executors"][_executor(spec, name)]["container"]["args"]
+        values = {key: defaults[source] for key, source in sources.items()}
+        namespace = build_parser().parse_args([_with_values(arg, values) for arg in args[1:]])
+        with tracking.given_lineage(**{key: getattr(namespace, key) for key in sources}):
+            assert tracking.lineage(tmp_path) == tracking.Lineage(
+                commit, str(dirty), defaults["data_hash"], defaults[digest] or "unknown"), name
+    # ir compiled train's image as a tag without a digest: train's run says "unknown", not "none".
+    assert defaults["train_image_digest"] == "" and defaults["image_digest"] == "sha256:" + "ab" * 32
+
+
+def test_compile_time_git_state_follows_the_stages_rule(git_checkout, tmp_path):
+    """pipelines/ reads the checkout itself (it imports no mammoseg): the same answer as the stages'."""
+    from mammoseg import tracking
+    from pipelines.settings import read_git_state
+    from tests.conftest import run_git
+
+    (git_checkout / "new.txt").write_text("untracked: not a change of the code at this commit\n")
+    assert read_git_state(git_checkout) == (run_git(git_checkout, "rev-parse", "HEAD"), "False")
+    (git_checkout / "code.py").write_text("x = 2\n")
+    commit, dirty = tracking.git_state(git_checkout)
+    assert read_git_state(git_checkout) == (commit, str(dirty)) == (commit, "True")
+    # Compiled outside any checkout: nothing to read, and the lineage says so.
+    outside = tmp_path / "no-checkout"
+    outside.mkdir()
+    (outside / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    assert read_git_state(outside) == ("unknown", "unknown")
+    assert main(["--params", str(outside / "params.yaml"), "compile", "--output", str(tmp_path / "p.yaml")]) == 0
+    parameters = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert (parameters["git_commit"]["defaultValue"], parameters["git_dirty"]["defaultValue"]) == ("unknown", "unknown")
+
+
 def test_each_stage_gets_its_own_params_block(ir):
     spec, _ = ir
     parameters = spec["root"]["inputDefinitions"]["parameters"]
