@@ -124,6 +124,9 @@ start() {
             "$(db_uri mlflow_auth)" "${MLFLOW_ADMIN_USERNAME:-admin}" "${MLFLOW_ADMIN_PASSWORD:?set MLFLOW_ADMIN_PASSWORD}" \
             >"$MLFLOW_AUTH_CONFIG_PATH")
     fi
+    # The server's job runner serves GenAI features (scorers, evaluations, prompt optimisation) that this
+    # project does not use; it would be eight more Python processes on the machine.
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
     setsid mlflow server "${auth[@]}" --backend-store-uri "$(db_uri mlflow)" \
         --artifacts-destination "s3://$bucket/artifacts" --serve-artifacts \
         --host 127.0.0.1 --port "$mlflow_port" --workers "$mlflow_workers" >"$state/mlflow.log" 2>&1 &
