@@ -143,7 +143,7 @@ def inbreast_folder(tmp_path: Path) -> InbreastFolder:
     return InbreastFolder(tmp_path / "inbreast")
 
 
-# --- real servers: moto_server (S3) and mlflow server, started once per test session -------------------
+# --- real servers: moto_server (S3) and the team stack (scripts/stack.sh), started once per test session ---
 
 def free_port() -> int:
     """Return a free TCP port on 127.0.0.1."""
