@@ -6,10 +6,12 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -163,7 +165,7 @@ def git_checkout(tmp_path: Path) -> Path:
     return repo
 
 
-# --- real servers: moto_server (S3) and mlflow server, started once per test session -------------------
+# --- real servers: moto_server (S3) and the team stack (scripts/stack.sh), started once per test session ---
 
 def free_port() -> int:
     """Return a free TCP port on 127.0.0.1."""
@@ -222,42 +224,86 @@ def s3_server(tmp_path_factory) -> Server:
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     process = _start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                     url, S3_CREDENTIALS, log_path, 30)
+                     url, S3_CREDENTIALS, log_path, 300)
     yield Server(url, process, {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": url})
     _stop(process)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory) -> Server:
-    """A real `mlflow server`: SQLite backend, proxied artifacts in an S3 bucket on moto_server.
+AUTH_ADMIN = ("admin", "s3cret-Passw0rd")
 
-    Clients get only MLFLOW_TRACKING_URI (no S3 credentials): artifacts go through the server.
+
+@dataclasses.dataclass
+class TeamStack:
+    """The team stack as `scripts/stack.sh start --auth` runs it, with its settings for the script.
+
+    url and env are what a client needs (the URI and the admin's basic-auth credentials); script()
+    runs stack.sh again (stop, start, backup, restore) on the same state folder and ports.
     """
-    import boto3
 
-    boto3.client("s3", endpoint_url=s3_server.url, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
-                                                        if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket="mlflow")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_server.url}
-    process = _start([str(Path(sys.executable).parent / "mlflow"), "server",
-                      "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                      "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts",
-                      "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                     f"{url}/health", env, root / "server.log", 90)
-    yield Server(url, process, {"MLFLOW_TRACKING_URI": url})
-    _stop(process)
+    url: str
+    env: dict[str, str]
+    state: Path
+    script_env: dict[str, str]
+
+    def script(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run scripts/stack.sh with args; with check, a failure raises with the script's and server's logs."""
+        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "stack.sh"), *args], capture_output=True,
+                              text=True, env={**os.environ, **self.script_env}, timeout=600, check=False)
+        if check and proc.returncode != 0:
+            logs = {name: (self.state / name).read_text()[-2000:] for name in ("mlflow.log", "postgres.log")
+                    if (self.state / name).is_file()}
+            raise RuntimeError(f"scripts/stack.sh {' '.join(args)} exited {proc.returncode}: "
+                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}{logs}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def team_stack(s3_server) -> TeamStack:
+    """The team stack, started once per session by scripts/stack.sh: PostgreSQL for the tracking store and
+    basic-auth's user store, `mlflow server --app-name basic-auth`, proxied artifacts in an S3 bucket on
+    the session's moto_server (so clients need no S3 credentials).
+    """
+    # Not under pytest's tmp folder: run as root, the script runs PostgreSQL as `postgres`, which must
+    # traverse to its data folder (0711: it can pass through, not list).
+    state = Path(tempfile.mkdtemp(prefix="mammoseg-stack-"))
+    state.chmod(0o711)
+    mlflow_port = free_port()
+    script_env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_server.url, "MAMMOSEG_STACK_DIR": str(state),
+                  "MAMMOSEG_PG_PORT": str(free_port()), "MAMMOSEG_MLFLOW_PORT": str(mlflow_port),
+                  "MAMMOSEG_MLFLOW_WORKERS": "2", "MLFLOW_ADMIN_USERNAME": AUTH_ADMIN[0],
+                  "MLFLOW_ADMIN_PASSWORD": AUTH_ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
+    url = f"http://127.0.0.1:{mlflow_port}"
+    stack = TeamStack(url, {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": AUTH_ADMIN[0],
+                            "MLFLOW_TRACKING_PASSWORD": AUTH_ADMIN[1]}, state, script_env)
+    try:
+        stack.script("start", "--auth")
+        yield stack
+    finally:
+        stack.script("stop", check=False)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _point_at(stack: TeamStack, patch: pytest.MonkeyPatch) -> None:
+    """Point MLflow clients (and child processes) at the stack as its admin, with no S3 credentials."""
+    for key, value in stack.env.items():
+        patch.setenv(key, value)
+    for key in S3_CREDENTIALS:
+        patch.delenv(key, raising=False)
+
+
+@contextlib.contextmanager
+def as_admin_of(stack: TeamStack):
+    """_point_at for the block of a session fixture (a test uses tracking_env)."""
+    with pytest.MonkeyPatch.context() as patch:
+        _point_at(stack, patch)
+        yield
 
 
 @pytest.fixture
-def tracking_env(mlflow_server, monkeypatch) -> Server:
-    """Point this test's MLflow client (and child processes) at the session's real tracking server."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    for key in S3_CREDENTIALS:
-        monkeypatch.delenv(key, raising=False)
-    return mlflow_server
+def tracking_env(team_stack, monkeypatch) -> TeamStack:
+    """Point this test's MLflow client (and child processes) at the session's team stack, as its admin."""
+    _point_at(team_stack, monkeypatch)
+    return team_stack
 
 
 # --- a small generated dataset through the real stages, shared by the stage tests -----------------------
@@ -299,26 +345,24 @@ TINY_TRAIN = {"epochs": 2, "batch_size": 4, "num_workers": 0, "overlay_every": 1
 
 
 @pytest.fixture(scope="session")
-def trained_model(prepared_data, mlflow_server, tmp_path_factory) -> Path:
+def trained_model(prepared_data, team_stack, tmp_path_factory) -> Path:
     """A LightUNet trained for 2 epochs on prepared_data, evaluated, tracked on the session's server."""
     from mammoseg.stages import evaluate, train
 
     root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with as_admin_of(team_stack):
         train.run(stage_config_for("train", **TINY_TRAIN), prepared_data.dataset, root / "model", root / "train.json")
         evaluate.run(stage_config_for("evaluate", bootstrap_resamples=200), prepared_data.dataset, root / "model",
                      root / "metrics.json", root / "evaluation")
     return root / "model"
 
 
-AUTH_ADMIN = ("admin", "s3cret-Passw0rd")
 # Export overrides for tests that need the fp32 model only: no variants, one timed run at 256 px.
 FAST_EXPORT = {"int8": False, "openvino": [], "latency_size": 256, "latency_repeats": 1}
 
 
 @pytest.fixture(scope="session")
-def exported(trained_model, prepared_data, mlflow_server, tmp_path_factory) -> Path:
+def exported(trained_model, prepared_data, team_stack, tmp_path_factory) -> Path:
     """trained_model exported to ONNX with every variant params.yaml asks for, gated on prepared_data.
 
     Timed at 256 px (params.yaml: 1536) to keep the session short; the choice among variants reads
@@ -327,8 +371,7 @@ def exported(trained_model, prepared_data, mlflow_server, tmp_path_factory) -> P
     from mammoseg.stages import export
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with as_admin_of(team_stack):
         export.run(stage_config_for("export", latency_size=256, latency_repeats=1), trained_model,
                    prepared_data.dataset, out)
     return out
@@ -338,7 +381,7 @@ SERVED_MODEL = "mammoseg-served"
 
 
 @pytest.fixture(scope="session")
-def served_champion(exported, prepared_data, mlflow_server) -> str:
+def served_champion(exported, prepared_data, team_stack) -> str:
     """`exported` registered as SERVED_MODEL and pointed at by @champion; returns its version.
 
     The 2-epoch model fails the gate (it stays @challenger), so the alias is set by hand: serving and
@@ -348,31 +391,10 @@ def served_champion(exported, prepared_data, mlflow_server) -> str:
     from mammoseg import tracking
     from mammoseg.stages import register
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with as_admin_of(team_stack):
         version = register.run(stage_config_for("register", name=SERVED_MODEL), exported, prepared_data.dataset).version
         tracking.set_alias(SERVED_MODEL, "champion", version)
     return version
-
-
-@pytest.fixture(scope="session")
-def mlflow_auth_server(s3_server, tmp_path_factory) -> Server:
-    """A real `mlflow server --app-name basic-auth` (admin user from its config file)."""
-    root = tmp_path_factory.mktemp("mlflow-auth")
-    config = root / "basic_auth.ini"
-    config.write_text("[mlflow]\ndefault_permission = READ\n"
-                      f"database_uri = sqlite:///{root / 'auth.db'}\n"
-                      f"admin_username = {AUTH_ADMIN[0]}\nadmin_password = {AUTH_ADMIN[1]}\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
-    process = _start([str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-                      "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                      "--default-artifact-root", str(root / "artifacts"),
-                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                     f"{url}/health", env, root / "server.log", 90)
-    yield Server(url, process, {"MLFLOW_TRACKING_URI": url})
-    _stop(process)
 
 
 def pytest_collection_modifyitems(config, items):

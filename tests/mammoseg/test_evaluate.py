@@ -17,7 +17,7 @@ from mammoseg.tracking import read_run_id
 TARGETS = ("mass", "calcification", "all")
 
 
-def test_metrics_report_and_run(trained_model, prepared_data, mlflow_server):
+def test_metrics_report_and_run(trained_model, prepared_data, tracking_env):
     root = trained_model.parent
     metrics = json.loads((root / "metrics.json").read_text())
     index = pd.read_parquet(prepared_data.dataset / "index.parquet")
@@ -52,11 +52,11 @@ def test_metrics_report_and_run(trained_model, prepared_data, mlflow_server):
     assert (root / "evaluation" / "overlays" / "worst.png").is_file()
     assert (root / "evaluation" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 
-    run = mlflow.MlflowClient(mlflow_server.url).get_run(read_run_id(trained_model))
+    run = mlflow.MlflowClient(tracking_env.url).get_run(read_run_id(trained_model))
     for key in ("test_unet_dice_native_mean_image_all", "test_baseline_dice_native_mean_image_all",
                 "test_unet_vs_baseline_native_mean_image_all_ci_low", "test_unet_mass_froc_sensitivity_at_1_fp"):
         assert key in run.data.metrics, key
-    artifacts = [a.path for a in mlflow.MlflowClient(mlflow_server.url).list_artifacts(run.info.run_id, "evaluation")]
+    artifacts = [a.path for a in mlflow.MlflowClient(tracking_env.url).list_artifacts(run.info.run_id, "evaluation")]
     assert "evaluation/summary.md" in artifacts and "evaluation/metrics.json" in artifacts
 
 

@@ -27,13 +27,13 @@ from tests.conftest import (
 )
 
 
-def test_basic_auth_needs_credentials_and_never_records_them(mlflow_auth_server, prepared_data, tmp_path,
+def test_basic_auth_needs_credentials_and_never_records_them(team_stack, prepared_data, tmp_path,
                                                              monkeypatch, caplog):
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{mlflow_auth_server.url}/api/2.0/mlflow/experiments/search?max_results=1")
+        urllib.request.urlopen(f"{team_stack.url}/api/2.0/mlflow/experiments/search?max_results=1")
     assert refused.value.code == 401
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_auth_server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.url)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", AUTH_ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUTH_ADMIN[1])
     with caplog.at_level(logging.DEBUG):

@@ -104,11 +104,11 @@ def _run_pipeline(image: str, dvc_data: tuple[str, str], root: Path, servers_env
 
 
 def test_pipeline_trains_registers_and_the_gate_refuses_a_two_epoch_model(image, dvc_data, pipeline_root,
-                                                                          mlflow_server, s3_server):
+                                                                          tracking_env, s3_server):
     import mlflow
 
     name = f"kfp-e2e-{uuid.uuid4().hex[:8]}"
-    proc = _run_pipeline(image, dvc_data, pipeline_root, {**s3_server.env, **mlflow_server.env},
+    proc = _run_pipeline(image, dvc_data, pipeline_root, {**s3_server.env, **tracking_env.env},
                          f"register.name={name}")
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
     decision_path = Path(proc.stdout.strip().splitlines()[-1])
@@ -117,7 +117,7 @@ def test_pipeline_trains_registers_and_the_gate_refuses_a_two_epoch_model(image,
     assert decision["name"] == name and decision["promoted"] is False
     assert decision["decision"].startswith("stays @challenger: fails")
 
-    client = mlflow.MlflowClient(mlflow_server.url)
+    client = mlflow.MlflowClient(tracking_env.url)
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert challenger.version == decision["version"]
     with pytest.raises(mlflow.exceptions.MlflowException):
@@ -150,9 +150,9 @@ def test_pipeline_trains_registers_and_the_gate_refuses_a_two_epoch_model(image,
     assert {"model.pt", "checkpoint.pt", "mlflow_run.json"} <= {p.name for p in (run_dir / "train" / "model").iterdir()}
 
 
-def test_failed_validation_stops_the_pipeline(image, dvc_data, pipeline_root, mlflow_server, s3_server):
+def test_failed_validation_stops_the_pipeline(image, dvc_data, pipeline_root, tracking_env, s3_server):
     # Same data hash and image digest: data and ingest come from kfp.local's cache; validate fails.
-    proc = _run_pipeline(image, dvc_data, pipeline_root, {**s3_server.env, **mlflow_server.env},
+    proc = _run_pipeline(image, dvc_data, pipeline_root, {**s3_server.env, **tracking_env.env},
                          "validate.min_images=1000")
     assert proc.returncode == 2, proc.stderr[-3000:]
     logs = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # kfp.local colours task names
