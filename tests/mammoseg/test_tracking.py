@@ -97,3 +97,39 @@ def test_interrupted_registration_converges(trained_model, prepared_data, tracki
     assert len(client.search_model_versions("name = 'mammoseg-interrupted'")) == 1
     assert client.get_model_version_by_alias("mammoseg-interrupted", "challenger").version == half.version
     assert "promotion_decision" in client.get_model_version("mammoseg-interrupted", half.version).tags
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def test_git_state_counts_code_changes_not_the_files_dvc_writes(tmp_path):
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", "metrics/train.json", "metrics/evaluate.json",
+                 "metrics/registration.json", "mammoseg/stages/train.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "main")
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    assert tracking.git_state(repo) == (head, False)
+
+    # What `dvc repro` writes on a clean clone: the lock and the declared metrics (one staged, too).
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    for name in ("train", "evaluate", "registration"):
+        (repo / "metrics" / f"{name}.json").write_text('{"rewritten": true}\n')
+    _git(repo, "add", "metrics/train.json")
+    (repo / "notes.txt").write_text("untracked files are not the commit's code either\n")
+    assert tracking.git_state(repo) == (head, False)
+    assert tracking.git_state(repo / "metrics") == (head, False)  # from a subfolder, paths are the root's
+
+    for changed in ("params.yaml", "mammoseg/stages/train.py"):
+        original = (repo / changed).read_text()
+        (repo / changed).write_text(original + "\n# an edit\n")
+        assert tracking.git_state(repo) == (head, True), changed
+        (repo / changed).write_text(original)
+    _git(repo, "mv", "params.yaml", "params-renamed.yaml")
+    assert tracking.git_state(repo) == (head, True)
+    assert tracking.git_state(tmp_path) == ("unknown", False)
