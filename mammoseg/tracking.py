@@ -380,8 +380,14 @@ class PyfuncModel:
     metadata: Mapping[str, Any]
 
 
-def log_pyfunc_model(run_id: str, model: PyfuncModel) -> str:
+def log_pyfunc_model(run_id: str, model: PyfuncModel, metrics: Mapping[str, float] | None = None) -> str:
     """Log a pyfunc model into a run, its signature a float32 tensor spec.
+
+    Args:
+        run_id: the training run.
+        model: what to log.
+        metrics: the model's evaluation metrics, logged against MLflow 3's logged model (and the run),
+            so the UI's model page shows them.
 
     Returns:
         The logged model's URI, to register from.
@@ -399,6 +405,8 @@ def log_pyfunc_model(run_id: str, model: PyfuncModel) -> str:
                                        data_path=str(model.data_path), signature=signature,
                                        input_example=dict(model.input_example),
                                        pip_requirements=list(model.requirements), metadata=dict(model.metadata))
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     return info.model_uri
 
 
@@ -502,3 +510,25 @@ def set_version_description(name: str, version: str, description: str) -> None:
     _configure()
     with _server_errors(f"describing {name} version {version}"):
         mlflow.MlflowClient().update_model_version(name, version, description=description)
+
+
+def set_model_description(name: str, description: str) -> None:
+    """Set a registered model's description (markdown, shown on its page in the MLflow UI)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"describing {name}"):
+        mlflow.MlflowClient().update_registered_model(name, description=description)
+
+
+# The tag MLflow's UI shows (and edits) as a run's description.
+RUN_NOTE_TAG = "mlflow.note.content"
+
+
+def set_run_note(run_id: str, note: str) -> None:
+    """Set a run's description (markdown, the `mlflow.note.content` tag the UI shows on the run's page)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"describing run {run_id}"):
+        mlflow.MlflowClient().set_tag(run_id, RUN_NOTE_TAG, note)
