@@ -387,7 +387,8 @@ def log_pyfunc_model(run_id: str, model: PyfuncModel, metrics: Mapping[str, floa
         run_id: the training run.
         model: what to log.
         metrics: the model's evaluation metrics, logged against MLflow 3's logged model (and the run),
-            so the UI's model page shows them.
+            so the UI's model page shows them. MLflow 3.17's log_model links the run's step-0
+            metrics by itself; logging them explicitly keeps that true whatever the version.
 
     Returns:
         The logged model's URI, to register from.
