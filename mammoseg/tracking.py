@@ -86,16 +86,79 @@ def _server_errors(action: str) -> Iterator[None]:
 
 
 def git_state(repo: Path | None = None) -> tuple[str, bool]:
-    """Return (commit, dirty) of the git checkout holding `repo` (cwd by default); ("unknown", False) if none."""
+    """Return (commit, dirty) of the git checkout holding `repo` (cwd by default); ("unknown", False) if none.
+
+    Dirty means the code differs from the commit: a tracked file changed that DVC does not write
+    itself. `dvc repro` rewrites dvc.lock and the outputs that dvc.yaml declares and git tracks (the
+    metrics files, a plot's data) before train tags its run, so on a clean clone those never count.
+    """
     cwd = repo or Path.cwd()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, check=True).stdout.strip()
+        commit = _git(cwd, "rev-parse", "HEAD").strip()
+        top = Path(_git(cwd, "rev-parse", "--show-toplevel").strip())
+        status = _git(cwd, "status", "--porcelain=v1", "-z", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
-    return commit, bool(status)
+    written = dvc_written_paths(top)
+    return commit, any(not _under(path, written) for path in _changed_paths(status))
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def _changed_paths(porcelain_z: str) -> list[str]:
+    """The paths (relative to the repository root) in `git status --porcelain=v1 -z` output.
+
+    A rename or copy entry ("R  NEW", then "OLD" as its own field) gives both paths.
+    """
+    fields, paths = porcelain_z.split("\0"), []
+    index = 0
+    while index < len(fields):
+        entry = fields[index]
+        index += 1
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if {"R", "C"} & set(entry[:2]) and index < len(fields):
+            paths.append(fields[index])
+            index += 1
+    return paths
+
+
+def dvc_written_paths(root: Path) -> set[str]:
+    """Return the files and folders DVC writes in a project (paths relative to its root).
+
+    dvc.lock, and every `outs`, `metrics` and `plots` entry of dvc.yaml's stages, plus the data files
+    of its top-level `plots`. Entries with `${...}` are left out: they need params to resolve, and an
+    unresolved path matching nothing only makes the check stricter.
+    """
+    written = {"dvc.lock"}
+    path = root / "dvc.yaml"
+    try:
+        pipeline = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return written
+    for stage in (pipeline.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            written.update(_entry_paths(stage.get(key) or []))
+    for plot in pipeline.get("plots") or []:
+        if isinstance(plot, Mapping):
+            for name, spec in plot.items():
+                y = spec.get("y") if isinstance(spec, Mapping) else None
+                written.update(y if isinstance(y, Mapping) else [name])
+        else:
+            written.add(str(plot))
+    return {entry.rstrip("/") for entry in written if "${" not in entry}
+
+
+def _entry_paths(entries: list[Any]) -> list[str]:
+    """dvc.yaml list entries are a path or a one-key mapping {path: options}."""
+    return [str(next(iter(entry))) if isinstance(entry, Mapping) else str(entry) for entry in entries]
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in roots)
 
 
 def dvc_data_hash(repo: Path | None = None) -> str | None:
@@ -423,8 +486,15 @@ class PyfuncModel:
     metadata: Mapping[str, Any]
 
 
-def log_pyfunc_model(run_id: str, model: PyfuncModel) -> str:
+def log_pyfunc_model(run_id: str, model: PyfuncModel, metrics: Mapping[str, float] | None = None) -> str:
     """Log a pyfunc model into a run, its signature a float32 tensor spec.
+
+    Args:
+        run_id: the training run.
+        model: what to log.
+        metrics: the model's evaluation metrics, logged against MLflow 3's logged model (and the run),
+            so the UI's model page shows them. MLflow 3.17's log_model links the run's step-0
+            metrics by itself; logging them explicitly keeps that true whatever the version.
 
     Returns:
         The logged model's URI, to register from.
@@ -442,6 +512,8 @@ def log_pyfunc_model(run_id: str, model: PyfuncModel) -> str:
                                        data_path=str(model.data_path), signature=signature,
                                        input_example=dict(model.input_example),
                                        pip_requirements=list(model.requirements), metadata=dict(model.metadata))
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     return info.model_uri
 
 
@@ -545,3 +617,25 @@ def set_version_description(name: str, version: str, description: str) -> None:
     _configure()
     with _server_errors(f"describing {name} version {version}"):
         mlflow.MlflowClient().update_model_version(name, version, description=description)
+
+
+def set_model_description(name: str, description: str) -> None:
+    """Set a registered model's description (markdown, shown on its page in the MLflow UI)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"describing {name}"):
+        mlflow.MlflowClient().update_registered_model(name, description=description)
+
+
+# The tag MLflow's UI shows (and edits) as a run's description.
+RUN_NOTE_TAG = "mlflow.note.content"
+
+
+def set_run_note(run_id: str, note: str) -> None:
+    """Set a run's description (markdown, the `mlflow.note.content` tag the UI shows on the run's page)."""
+    import mlflow
+
+    _configure()
+    with _server_errors(f"describing run {run_id}"):
+        mlflow.MlflowClient().set_tag(run_id, RUN_NOTE_TAG, note)

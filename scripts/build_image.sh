@@ -40,6 +40,9 @@ case "$variant" in cpu|cuda) ;; *) echo "build_image.sh: --variant must be cpu o
 
 python="$repo_root/.venv/bin/python"
 [ -x "$python" ] || { echo "build_image.sh: no .venv; run scripts/venv.sh first" >&2; exit 1; }
+# The project wheel carries the Data Docs' CSS/JS (pyproject package-data); venv.sh installs them.
+[ -f "$repo_root/mammoseg/data_docs_assets/node_modules/.mammoseg-installed" ] \
+    || { echo "build_image.sh: the Data Docs assets are not installed; run scripts/venv.sh first" >&2; exit 1; }
 suite=bookworm                       # Debian 12: python3.11, the interpreter the wheels are built for
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 base_tag="mammoseg-debian:$suite"
@@ -108,7 +111,7 @@ content_hash="$(
     {
         echo "variant=$variant base=$base_id"
         sha256sum Dockerfile .dockerignore "$wheelhouse/constraints.txt" "$wheelhouse/requirements.in" \
-            pyproject.toml params.yaml
+            pyproject.toml params.yaml mammoseg/data_docs_assets/package-lock.json
         find mammoseg model components pipelines -name '*.py' -o -name 'py.typed' | LC_ALL=C sort | xargs sha256sum
     } | sha256sum | cut -c1-12
 )"

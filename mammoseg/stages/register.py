@@ -2,12 +2,14 @@
 
 Reads the .onnx and its export report, the training run's test metrics (written by evaluate) and the
 preprocessed dataset (to re-score a champion); writes a model version, its aliases, tags and
-description, and optionally a decision JSON. The version is a pyfunc model (mammoseg.serving) that
-holds the .onnx byte for byte, so `mlflow models serve` answers the probabilities predict computes,
-with its export report and the files of the deployment variants that passed their export gates, so
-predict can run the fastest of them; one `variant_<name>` tag per variant says what export found.
-Its lineage tags (git_commit, git_dirty, data_dvc_hash, image_digest) are its training run's, the
-same wherever it was trained; `register_<tag>` records register's own (mammoseg.tracking.lineage).
+description (mammoseg.model_card: test metrics with CIs, the gate, lineage), the registered model's
+card, the run's note and the test metrics on the logged model, and optionally a decision JSON. The
+version is a pyfunc model (mammoseg.serving) that holds the .onnx byte for byte, so
+`mlflow models serve` answers the probabilities predict computes, with its export report and the files
+of the deployment variants that passed their export gates, so predict can run the fastest of them; one
+`variant_<name>` tag per variant says what export found. Its lineage tags (git_commit, git_dirty,
+data_dvc_hash, image_digest) are its training run's, the same wherever it was trained; `register_<tag>`
+records register's own (mammoseg.tracking.lineage).
 
 The gate (params.yaml `register:`): every new version becomes @challenger. @champion moves to it only when
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mammoseg import serving, tracking
+from mammoseg import model_card, serving, tracking
 from mammoseg.config import RegisterConfig
 from mammoseg.data import read_dataset
 from mammoseg.errors import UserError
@@ -44,7 +46,7 @@ from mammoseg.fileio import sha256_of, write_atomically
 from mammoseg.metrics import paired_bootstrap
 from mammoseg.onnx_runtime import open_session, read_io_spec
 from mammoseg.preprocessing import PreprocessParams
-from mammoseg.stages.evaluate import TARGETS, score_native
+from mammoseg.stages.evaluate import TARGETS, TEST_METRIC_PREFIX, score_native
 from mammoseg.variants import VARIANTS, exported_model_in, report_path_for, variant_path
 
 log = logging.getLogger(__name__)
@@ -216,25 +218,27 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
                                 version.tags["promotion_decision"], True)
         _write_decision(decision_out, result, score, None, [])
         return result
+    # The model's lineage is its training run's (train tagged it with the code, data and image it ran
+    # on); register's own, under register_*, names the code that applied the gate.
+    lineage = {"run_id": run_id, **tracking.Lineage.from_tags(tags).tags(),
+               **{f"register_{k}": v for k, v in tracking.lineage().tags().items()},
+               "dataset_digest": spec.get("dataset_digest"),
+               "onnx_sha256": onnx_sha, "validation_success": tags.get("validation_success", "unknown"),
+               "parity": "passed",
+               "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
+               config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
+    lineage.update(variant_tags(report))
     if existing:
         # A previous run registered the version but stopped before the gate: finish its job.
         version = existing[0]
         log.info("%s version %s was registered but not gated: resuming", name, version.version)
     else:
-        # The model's lineage is its training run's (train tagged it with the code, data and image it
-        # ran on); register's own, under register_*, names the code that applied the gate.
-        lineage = {"run_id": run_id, **tracking.Lineage.from_tags(tags).tags(),
-                   **{f"register_{k}": v for k, v in tracking.lineage().tags().items()},
-                   "dataset_digest": spec.get("dataset_digest"),
-                   "onnx_sha256": onnx_sha, "validation_success": tags.get("validation_success", "unknown"),
-                   "parity": "passed",
-                   "parity_max_abs_logit_diff": report["variants"]["fp32"]["max_abs_logit_diff"],
-                   config.metric: f"{score:.6f}", "threshold": json.dumps(spec.get("threshold"))}
-        lineage.update(variant_tags(report))
-        # Upload first, register second: an interrupted upload leaves no version behind.
+        # Upload first, register second: an interrupted upload leaves no version behind. Evaluate's
+        # test metrics go onto the logged model too (the UI's model page shows the logged model's).
+        test_metrics = {key: value for key, value in metrics.items() if key.startswith(TEST_METRIC_PREFIX)}
         with tempfile.TemporaryDirectory() as staging:
             folder = deployment_folder(onnx, report, Path(staging) / "export")
-            model_uri = tracking.log_pyfunc_model(run_id, serving.pyfunc_model(folder, spec))
+            model_uri = tracking.log_pyfunc_model(run_id, serving.pyfunc_model(folder, spec), test_metrics)
         version = tracking.create_version(name, model_uri, run_id,
                                           {k: v for k, v in lineage.items() if v is not None})
     tracking.set_alias(name, CHALLENGER, version.version)
@@ -268,7 +272,12 @@ def run(config: RegisterConfig, onnx: Path, dataset: Path, decision_out: Path | 
         "champion_before": "none" if champion is None else champion.version,
         **{f"gate_{i}": f"{'pass' if c.passed else 'fail'}: {c.condition} = {c.value:.4f} ({c.reference})"
            for i, c in enumerate(checks)}})
-    tracking.set_version_description(name, version.version, _description(config, score, checks, decision))
+    tracking.set_version_description(name, version.version, model_card.version_description(
+        metrics, [check.row() for check in checks], decision, {**lineage, **version.tags}))
+    tracking.set_model_description(name, model_card.registered_model_description(name, spec))
+    alias = f"@{CHAMPION}" if promoted else f"@{CHALLENGER} only"
+    tracking.set_run_note(run_id, model_card.run_note(tags, metrics, f"{name} version {version.version}, {alias}: "
+                                                                     f"{decision}"))
     (log.info if promoted else log.warning)("%s version %s @%s%s; %s", name, version.version, CHALLENGER,
                                             f" @{CHAMPION}" if promoted else "", decision)
     result = RegisterResult(name, version.version, promoted, decision, False)
@@ -308,13 +317,6 @@ def variant_tags(report: dict[str, Any]) -> dict[str, str]:
         tags[f"variant_{name}"] = (f"{what}: {'passed' if result.get('passed') else 'FAILED'} its gate (max Dice "
                                    f"diff {diff:.4f}), {latency:.3f} s per {size} image")
     return tags
-
-
-def _description(config: RegisterConfig, score: float, checks: list[GateCheck], decision: str) -> str:
-    """The version's description: the gate's table and decision (markdown, shown in the MLflow UI)."""
-    lines = [f"**{config.metric}** = {score:.4f}", "", "| gate condition | value | reference | result |",
-             "|---|---|---|---|", *(check.row() for check in checks), "", f"**Decision:** {decision}"]
-    return "\n".join(lines) + "\n"
 
 
 def _write_decision(path: Path | None, result: RegisterResult, score: float,

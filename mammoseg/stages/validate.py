@@ -16,7 +16,8 @@ for the first few and in summary.json for all.
 
 The report folder is self-contained so the training stage can attach it to its MLflow run as is:
 `summary.json` (machine-readable), `index.html` (a plain page that reads offline) and `data_docs/`
-(the Great Expectations site: suite and validation-result pages). A failing report replaces the
+(the Great Expectations site: suite and validation-result pages, with the CSS/JS that GX loads from
+CDNs copied in by `mammoseg.data_docs`, so they render offline too). A failing report replaces the
 previous one (people must read it, and DVC tracks that folder); if the previous one passed, it is
 kept beside it as `<report>.last-passing/` until a run passes again.
 """
@@ -45,6 +46,7 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from mammoseg.config import ValidateConfig
+from mammoseg.data_docs import make_offline
 from mammoseg.dicom import (
     IDENTIFYING_KEYWORDS,
     NOT_DICOM,
@@ -431,7 +433,7 @@ def _build_suite_run(table: pd.DataFrame, rules: Sequence[Rule], severity: dict[
     """Check the table against the rules with Great Expectations; build Data Docs into docs_dir.
 
     One ephemeral context per run (creating one is slow); its only persistent output is the Data Docs
-    site. Returns the ExpectationSuiteValidationResult.
+    site, made to render offline. Returns the ExpectationSuiteValidationResult.
     """
     # GX logs its start-up at INFO; keep the stage's log to our own lines unless someone asked for GX's.
     gx_log = logging.getLogger("great_expectations")
@@ -486,6 +488,7 @@ def _build_suite_run(table: pd.DataFrame, rules: Sequence[Rule], severity: dict[
     run_id = RunIdentifier(run_name=run_name, run_time=run_time)
     result = checkpoint.run(batch_parameters={"dataframe": table}, run_id=run_id)
     (validation,) = result.run_results.values()
+    make_offline(docs_dir)
     return validation
 
 
@@ -607,8 +610,8 @@ vertical-align: top; text-align: left; } th { background: #f3f3f3; }
 def _report_page(summary: dict[str, Any], links: dict[str, str]) -> str:
     """Render summary.json as one self-contained HTML page (no scripts, no external assets).
 
-    GX's Data Docs pull Bootstrap and jQuery from CDNs and fill their index with JavaScript; this
-    page stays readable offline and inside MLflow's artifact viewer, and links to them.
+    GX's Data Docs fill their index with JavaScript (local copies, see `mammoseg.data_docs`); this
+    page needs none, reads in any viewer (MLflow's artifact view too), and links to them.
     """
     esc = html.escape
     counts = summary["counts"]
@@ -761,7 +764,7 @@ def run(config: ValidateConfig, inbreast: Path, manifest: Path, report_out: Path
                             + [{"name": REJECTED_RULE, "severity": severity[REJECTED_RULE],
                                 "success": rejected is None}],
         }
-        links = {"Data Docs home (needs internet for its styles and tables)": f"{DATA_DOCS_DIR}/index.html"}
+        links = {"Data Docs home": f"{DATA_DOCS_DIR}/index.html"}
         for page in sorted(docs.glob("validations/**/*.html")):
             links[f"Validation result: {page.parent.parent.name} {page.parent.name}"] = (
                 page.relative_to(staging).as_posix())

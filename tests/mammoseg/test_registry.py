@@ -21,7 +21,7 @@ from mammoseg.errors import UserError
 from mammoseg.onnx_runtime import read_io_spec
 from mammoseg.stages import export, register
 from mammoseg.variants import report_path_for
-from tests.conftest import FAST_EXPORT, REPO_ROOT, stage_config_for
+from tests.conftest import FAST_EXPORT, REPO_ROOT, TINY_TRAIN, stage_config_for
 
 MODEL_NAME = "mammoseg-test"
 METRIC = "test_unet_dice_native_mean_image_all"
@@ -103,6 +103,82 @@ def test_a_useless_model_is_registered_but_never_champion(exported, prepared_dat
     assert version.tags["promoted"] == "false" and any(k.startswith("gate_") for k in version.tags)
     decision = json.loads((tmp_path / "decision.json").read_text())
     assert decision["promoted"] is False and any(not check["passed"] for check in decision["gate"])
+    _assert_model_cards(client, config.name, version, read_io_spec(exported)["training_run_id"], result)
+
+
+def _assert_model_cards(client, name, version, run_id, result):
+    """The registered model's card, the version's, the run's note and the logged model's metrics."""
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    card = client.get_registered_model(name).description
+    for phrase in ("Masses and calcifications", "full-field digital mammograms", "research only",
+                   "not a medical device", "INbreast", "Moreira", "Academic Radiology 19(2):236-248, 2012",
+                   "quote no licence terms", "(N, 2, 128, 128)", "block mean and block maximum",
+                   "multiples of 128"):
+        assert phrase in card, phrase
+    # The version's card: test metrics with their intervals (the run's own numbers), the gate, lineage.
+    all_lesions = (f"{metrics[METRIC]:.3f} [{metrics[METRIC + '_ci_low']:.3f}, "
+                   f"{metrics[METRIC + '_ci_high']:.3f}]")
+    paired = "test_unet_vs_baseline_native_mean_image_all"
+    difference = (f"{metrics[paired + '_difference']:+.3f} [{metrics[paired + '_ci_low']:+.3f}, "
+                  f"{metrics[paired + '_ci_high']:+.3f}]")
+    row = next(line for line in version.description.splitlines() if line.startswith("| all |"))
+    assert all_lesions in row and difference in row, row
+    assert f"**Decision:** {result.decision}" in version.description
+    lineage = version.description.split("## Lineage")[1]
+    for key in ("run_id", "git_commit", "data_dvc_hash", "dataset_digest", "onnx_sha256"):
+        assert f"`{version.tags[key]}`" in lineage, key
+    assert version.tags["git_dirty"] == run.data.tags["git_dirty"]
+    assert "image digest: not recorded" in lineage  # registered outside a container image
+    assert len(version.description) <= 5000 and len(card) <= 5000  # MLflow's VARCHAR(5000)
+    note = run.data.tags["mlflow.note.content"]
+    assert all_lesions in note and f"{name} version {version.version}, @challenger only" in note
+    # Evaluate's metrics on MLflow 3's logged model, which the UI's model page shows. The SQL registry
+    # keeps no model_id column: the version names its logged model by its source, models:/<model id>.
+    assert version.source.startswith("models:/m-"), version.source
+    logged = {m.key: m.value for m in client.get_logged_model(version.source.removeprefix("models:/")).metrics}
+    test_metrics = {key for key in metrics if key.startswith("test_")}
+    assert len(test_metrics) >= 40 and test_metrics <= set(logged), sorted(test_metrics - set(logged))[:5]
+    assert logged[METRIC] == pytest.approx(metrics[METRIC])
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_trains_and_registers_with_clean_lineage(prepared_data, tracking_env, tmp_path, monkeypatch):
+    """The main job on a fresh clone: DVC rewrites dvc.lock and the metrics, and the lineage stays clean."""
+    from mammoseg.stages import evaluate, train
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    # What `dvc repro` has rewritten by the time train starts: the lock (earlier stages' entries).
+    with (clone / "dvc.lock").open("a") as lock:
+        lock.write("# rewritten by dvc repro\n")
+    monkeypatch.chdir(clone)  # the stages run where dvc runs them: the clone's root
+    model, metrics = tmp_path / "model", clone / "metrics"
+    train.run(stage_config_for("train", **{**TINY_TRAIN, "epochs": 1, "overlay_every": 0}), prepared_data.dataset,
+              model, metrics / "train.json")
+    evaluate.run(stage_config_for("evaluate", bootstrap_resamples=50, worst_k=1), prepared_data.dataset, model,
+                 metrics / "evaluate.json", tmp_path / "evaluation")
+    run_id = tracking.read_run_id(model)
+    client = mlflow.MlflowClient(tracking_env.url)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["git_commit"], tags["git_dirty"]) == (head, "False")
+    assert "Test split" in tags["mlflow.note.content"] and "Registry" not in tags["mlflow.note.content"]
+
+    onnx_path = tmp_path / "onnx" / "model.onnx"
+    export.run(stage_config_for("export", **FAST_EXPORT), model, prepared_data.dataset, onnx_path)
+    name = f"{MODEL_NAME}-clean-clone"
+    result = register.run(stage_config_for("register", name=name), onnx_path, prepared_data.dataset,
+                          metrics / "registration.json")
+    version = client.get_model_version(name, result.version)
+    assert (version.tags["git_commit"], version.tags["git_dirty"]) == (head, "False")
+    assert f"`{head}` (clean checkout)" in version.description
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=clone,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert set(changed[1::2]) == {"dvc.lock", "metrics/train.json", "metrics/evaluate.json",
+                                  "metrics/registration.json"}  # only what DVC writes changed
+    assert tracking.git_state(clone) == (head, False)
 
 
 LINEAGE_TAGS = ("git_commit", "git_dirty", "data_dvc_hash", "image_digest")

@@ -145,3 +145,35 @@ def test_a_bad_lineage_flag_is_a_one_line_error(flag, value, message, tmp_path, 
                  "--dataset", str(tmp_path), flag, value])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"mammoseg: error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_git_state_counts_code_changes_not_the_files_dvc_writes(tmp_path):
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", "metrics/train.json", "metrics/evaluate.json",
+                 "metrics/registration.json", "mammoseg/stages/train.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
+    run_git(repo, "init", "-q")
+    run_git(repo, "add", ".")
+    runrun_git(repo, "commit", "-q", "-m", "main")
+    head = runrun_git(repo, "rev-parse", "HEAD")
+    assert tracking.git_state(repo) == (head, False)
+
+    # What `dvc repro` writes on a clean clone: the lock and the declared metrics (one staged, too).
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    for name in ("train", "evaluate", "registration"):
+        (repo / "metrics" / f"{name}.json").write_text('{"rewritten": true}\n')
+    run_git(repo, "add", "metrics/train.json")
+    (repo / "notes.txt").write_text("untracked files are not the commit's code either\n")
+    assert tracking.git_state(repo) == (head, False)
+    assert tracking.git_state(repo / "metrics") == (head, False)  # from a subfolder, paths are the root's
+
+    for changed in ("params.yaml", "mammoseg/stages/train.py"):
+        original = (repo / changed).read_text()
+        (repo / changed).write_text(original + "\n# an edit\n")
+        assert tracking.git_state(repo) == (head, True), changed
+        (repo / changed).write_text(original)
+    run_git(repo, "mv", "params.yaml", "params-renamed.yaml")
+    assert tracking.git_state(repo) == (head, True)
+    assert tracking.git_state(tmp_path) == ("unknown", False)
