@@ -156,8 +156,8 @@ def test_git_state_counts_code_changes_not_the_files_dvc_writes(tmp_path):
         (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
     run_git(repo, "init", "-q")
     run_git(repo, "add", ".")
-    runrun_git(repo, "commit", "-q", "-m", "main")
-    head = runrun_git(repo, "rev-parse", "HEAD")
+    run_git(repo, "commit", "-q", "-m", "main")
+    head = run_git(repo, "rev-parse", "HEAD")
     assert tracking.git_state(repo) == (head, False)
 
     # What `dvc repro` writes on a clean clone: the lock and the declared metrics (one staged, too).
