@@ -49,7 +49,7 @@ class Entry:
 
 
 def read_lock(path: Path = LOCK) -> dict[str, Entry]:
-    """Parse pip-compile's output: `name==version \\`, `--hash=` lines, then `# via` annotations."""
+    """Parse pip-compile's output: `name==version` lines, their `--hash=` lines and `# via` annotations."""
     entries: dict[str, Entry] = {}
     current: Entry | None = None
     in_via = False
@@ -89,7 +89,7 @@ def parent_name(via: str) -> str | None:
 
 
 def project_requirements(extras: list[str]) -> list[str]:
-    """pyproject's dependencies plus the named extras' (references to the project itself expanded)."""
+    """The dependencies of pyproject.toml plus the named extras' (references to the project itself expanded)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     optional = project.get("optional-dependencies", {})
     requirements = list(project["dependencies"])
@@ -142,7 +142,7 @@ def venv_entries(entries: dict[str, Entry] | None = None) -> list[Entry]:
 
 
 def torch_version() -> str:
-    """torch's version from requirements-torch.txt (its only requirement line)."""
+    """The version of torch in requirements-torch.txt (its only requirement line)."""
     for line in TORCH.read_text().splitlines():
         match = re.match(r"^torch==([0-9][^\s;+]*)\s*$", line.strip())
         if match:
@@ -185,18 +185,19 @@ def main(argv: list[str]) -> int:
     """The command line: see the module's docstring."""
     command, *args = argv or ["help"]
     if command == "venv":
-        print("\n".join(line for entry in venv_entries() for line in entry.text))
+        lines = [line for entry in venv_entries() for line in entry.text]
     elif command == "image" and args and args[0] in ("cpu", "cuda"):
-        print("\n".join(line for entry in image_entries(args[0]) for line in entry.text))
+        lines = [line for entry in image_entries(args[0]) for line in entry.text]
     elif command == "extraneous":
-        print("\n".join(extraneous()))
+        lines = extraneous()
     elif command == "pins":
-        print("\n".join(f"{entry.name}=={entry.version}" for entry in venv_entries()))
+        lines = [f"{entry.name}=={entry.version}" for entry in venv_entries()]
     elif command == "torch" and args:
-        print(torch_requirement(args[0]))
+        lines = [torch_requirement(args[0])]
     else:
-        print(__doc__, file=sys.stderr)
+        sys.stderr.write(__doc__)
         return 2
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 
 
