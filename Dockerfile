@@ -1,5 +1,5 @@
 # The image the pipeline components run in, in two variants: CPU for every task, CUDA for train (the
-# task with a GPU): mammoseg and its pinned dependencies in /opt/venv, `mammoseg` on the PATH, a
+# task with a GPU): mammoseg and its locked dependencies in /opt/venv, `mammoseg` on the PATH, a
 # non-root user (uid/gid 1000, which the pipeline states as each container's securityContext). No kfp: the components are container components (KFP's
 # launcher is a Go binary the cluster injects), so the `pipeline` extra stays on the machine that
 # compiles and submits; `mammoseg-pipeline` in the image says so in one line. Built offline by
@@ -12,8 +12,8 @@
 #               the NVIDIA container toolkit (the device plugin sets NVIDIA_VISIBLE_DEVICES per pod).
 #   VARIANT     cpu | cuda: which wheelhouse the script prepared (CPU torch + onnxruntime, or CUDA
 #               torch + onnxruntime-gpu); recorded in the image as MAMMOSEG_IMAGE_VARIANT.
-#   WHEELHOUSE  build/wheelhouse/<variant>: deps/ (every runtime wheel + requirements.lock) and
-#               project/ (the mammoseg wheel).
+#   WHEELHOUSE  build/wheelhouse/<variant>: deps/ (every runtime wheel, the runtime share of the repo's
+#               requirements.lock and torch.txt, the torch build) and project/ (the mammoseg wheel).
 #
 # Cache-friendly: the dependency layer depends only on deps/, so a code change rebuilds the two small
 # project layers. Nothing is compiled: every package arrives as a wheel, so no compiler, headers or
@@ -27,10 +27,15 @@ ARG BASE=mammoseg-debian:bookworm
 FROM ${BASE} AS deps
 ARG WHEELHOUSE=build/wheelhouse/cpu
 COPY ${WHEELHOUSE}/deps/ /wheels/
+# requirements.lock: the runtime share of the repo's lock, installed as locked (--no-deps: nothing is
+# resolved); torch.txt: the variant's torch build, then, with the CUDA build's own nvidia-* wheels; pip
+# check proves the two add up to a consistent environment.
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-index --no-cache-dir --disable-pip-version-check \
-        --find-links /wheels -r /wheels/requirements.lock \
- && cp /wheels/requirements.lock /opt/venv/requirements.lock \
+ && pip="/opt/venv/bin/pip --no-cache-dir --disable-pip-version-check" \
+ && $pip install --no-index --find-links /wheels --no-deps -r /wheels/requirements.lock \
+ && $pip install --no-index --find-links /wheels -r /wheels/torch.txt \
+ && $pip check \
+ && cp /wheels/requirements.lock /wheels/torch.txt /opt/venv/ \
  && site=/opt/venv/lib/python3.11/site-packages \
  && rm -rf "$site/torch/include" \
  && find "$site" -depth -type d -name tests -exec rm -rf {} +

@@ -8,14 +8,17 @@
 #   1. base:       debootstrap Debian bookworm (python3.11, the version of the wheels) -> `docker import`
 #                  as mammoseg-debian:bookworm. --base IMAGE uses an image already in the engine instead
 #                  (e.g. a CUDA runtime base loaded with `docker load` on an air-gapped site).
-#   2. wheelhouse: build/wheelhouse/<variant>/deps holds a wheel for every runtime dependency, pinned to
-#                  the versions of the tested .venv (`pip freeze` as constraints); sdists are built into
-#                  wheels here, so the image needs no compiler. project/ holds the mammoseg wheel.
+#   2. wheelhouse: build/wheelhouse/<variant>/deps holds a wheel for every runtime dependency: the
+#                  runtime share of requirements.lock (scripts/envlock.py image <variant>), each file
+#                  checked against the lock's hashes, and torch's build of that variant
+#                  (requirements-torch.txt; MAMMOSEG_TORCH_INDEX, if set, is the index it comes from);
+#                  sdists are built into wheels here, so the image needs no compiler. project/ holds the
+#                  mammoseg wheel.
 #                  This is the only step that needs a package index (PyPI or a mirror; pip's own
 #                  config, CA bundle and find-links apply).
 #   3. image:      `docker build --network none`; tagged mammoseg:<variant>-<content hash> and
 #                  mammoseg:<variant>. The content hash covers the Dockerfile, the base image id, the
-#                  pinned requirements and every file that goes into the project wheel, so an image
+#                  locked requirements and every file that goes into the project wheel, so an image
 #                  whose inputs did not change is found by its tag and not rebuilt.
 # Prints the content-hash tag on stdout (and writes it to --tag-file); progress goes to stderr.
 # Needs a running engine (scripts/docker_engine.sh start) and, for the base, root and debootstrap.
@@ -54,36 +57,22 @@ say() { echo "build_image.sh: $*" >&2; }
 mkdir -p "$build_dir"
 [ -f "$build_dir/.gitignore" ] || echo '*' > "$build_dir/.gitignore"
 
-# --- 2a. the pinned runtime requirements (cheap; part of the content hash) ------------------------------
+# --- 2a. the image's share of the lock (cheap; part of the content hash) ----------------------------------
 mkdir -p "$wheelhouse"
-# Constraints: the exact versions of the tested environment, minus the project itself.
-"$python" -m pip freeze --exclude-editable | grep -v -i -E '^(mammoseg|pip|setuptools|wheel)[= @]' \
-    > "$wheelhouse/constraints.txt.new"
-# Requirements: the project's runtime dependencies (no dev extras), plus the variant's own.
-"$python" - "$variant" > "$wheelhouse/requirements.in.new" <<'EOF'
-import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-requirements = list(project["dependencies"])
-if sys.argv[1] == "cuda":
-    requirements = [r for r in requirements if not r.startswith("onnxruntime")]
-    requirements += project["optional-dependencies"]["gpu"]
-else:  # export and predict run in the CPU image: OpenVINO's variants are built and gated there
-    requirements += project["optional-dependencies"]["openvino"]
-print("\n".join(requirements))
-EOF
-if [ "$variant" = cuda ]; then
-    # The CUDA build of torch is PyPI's default linux wheel (it pulls the nvidia-*-cu12 runtime wheels);
-    # drop the CPU pin (+cpu local version) and the onnxruntime pin that onnxruntime-gpu replaces.
-    sed -i -E '/^(torch|onnxruntime)==/d' "$wheelhouse/constraints.txt.new"
-fi
-for f in constraints.txt requirements.in; do
+# requirements.lock: the runtime subset of the repo's requirements.lock (the dependencies and the openvino
+# extra for cpu, the gpu extra's onnxruntime-gpu in place of onnxruntime for cuda), with its hashes.
+# torch.txt: torch's build (requirements-torch.txt's version; +cpu for cpu), from MAMMOSEG_TORCH_INDEX if set.
+"$python" scripts/envlock.py image "$variant" > "$wheelhouse/requirements.lock.new"
+"$python" scripts/envlock.py torch "$variant" > "$wheelhouse/torch.txt.new"
+for f in requirements.lock torch.txt; do
     if ! cmp -s "$wheelhouse/$f.new" "$wheelhouse/$f"; then
         mv "$wheelhouse/$f.new" "$wheelhouse/$f"
-        rm -rf "$wheelhouse/deps"          # pins changed: resolve the wheelhouse again
+        rm -rf "$wheelhouse/deps"          # pins changed: download the wheelhouse again
     else
         rm "$wheelhouse/$f.new"
     fi
 done
+rm -f "$wheelhouse/constraints.txt" "$wheelhouse/requirements.in"   # the pip-freeze pins of older versions
 
 # --- 1. the base image ------------------------------------------------------------------------------------
 if [ -z "$base" ]; then
@@ -110,7 +99,7 @@ base_id="$(docker image inspect --format '{{.Id}}' "$base" 2>/dev/null || echo "
 content_hash="$(
     {
         echo "variant=$variant base=$base_id"
-        sha256sum Dockerfile .dockerignore "$wheelhouse/constraints.txt" "$wheelhouse/requirements.in" \
+        sha256sum Dockerfile .dockerignore "$wheelhouse/requirements.lock" "$wheelhouse/torch.txt" \
             pyproject.toml params.yaml mammoseg/data_docs_assets/package-lock.json
         find mammoseg model components pipelines -name '*.py' -o -name 'py.typed' | LC_ALL=C sort | xargs sha256sum
     } | sha256sum | cut -c1-12
@@ -126,24 +115,44 @@ fi
 
 # --- 2b. the wheelhouse ------------------------------------------------------------------------------------
 if [ ! -f "$wheelhouse/deps/requirements.lock" ]; then
-    say "wheelhouse: resolving and downloading the $variant runtime dependencies"
+    say "wheelhouse: downloading the $variant runtime dependencies (requirements.lock, hash-checked)"
     rm -rf "$wheelhouse/deps.tmp"
+    # Every locked package, each file checked against the lock's hashes; nothing is resolved.
+    "$python" -m pip wheel --quiet --no-deps --require-hashes --wheel-dir "$wheelhouse/deps.tmp" \
+        -r "$wheelhouse/requirements.lock" >&2
+    index_args=()
+    [ -z "${MAMMOSEG_TORCH_INDEX:-}" ] || index_args=(--index-url "$MAMMOSEG_TORCH_INDEX")
     if [ "$variant" = cuda ]; then
-        torch_pin="torch==2.13.0,!=2.13.0+cpu"   # PyPI's CUDA build, never a local +cpu wheel
+        # PyPI's CUDA build with its own requirements (nvidia-*-cu12, triton: not in the lock); the
+        # requirements it shares with the CPU build stay at the lock's versions.
+        "$python" scripts/envlock.py pins > "$wheelhouse/deps.tmp/pins.txt"
+        "$python" -m pip download --quiet --only-binary=:all: --dest "$wheelhouse/deps.tmp" "${index_args[@]}" \
+            -c "$wheelhouse/deps.tmp/pins.txt" -r "$wheelhouse/torch.txt" >&2
+        rm "$wheelhouse/deps.tmp/pins.txt"
     else
-        torch_pin="torch==2.13.0"                # the CPU build (the constraints pin +cpu)
+        # The CPU build (+cpu): its requirements are all in the lock.
+        "$python" -m pip download --quiet --no-deps --only-binary=:all: --dest "$wheelhouse/deps.tmp" \
+            "${index_args[@]}" -r "$wheelhouse/torch.txt" >&2
     fi
-    "$python" -m pip wheel --quiet --wheel-dir "$wheelhouse/deps.tmp" -c "$wheelhouse/constraints.txt" \
-        -r "$wheelhouse/requirements.in" "$torch_pin" >&2
-    # The lock: exactly the wheels resolved, name==version, what the image installs.
-    "$python" - "$wheelhouse/deps.tmp" > "$wheelhouse/deps.tmp/requirements.lock" <<'EOF'
-import pathlib, sys
-lines = set()
-for wheel in pathlib.Path(sys.argv[1]).glob("*.whl"):
-    name, version = wheel.name.split("-")[:2]
-    lines.add(f"{name.replace('_', '-').lower()}=={version}")
-print("\n".join(sorted(lines)))
+    # The image installs deps/requirements.lock hash-checked. A wheel that pip built here from a
+    # hash-checked sdist has a hash of its own: it is added to that package's entry (and named).
+    "$python" - "$wheelhouse/requirements.lock" "$wheelhouse/deps.tmp" > "$wheelhouse/deps.tmp/requirements.lock" <<'EOF'
+import hashlib, pathlib, re, sys
+lock, wheels = pathlib.Path(sys.argv[1]).read_text(), pathlib.Path(sys.argv[2])
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+built = {}
+for wheel in wheels.glob("*.whl"):
+    digest = "sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest not in lock and not wheel.name.startswith("torch-"):
+        built[norm(wheel.name.split("-")[0])] = digest
+for line in lock.splitlines():
+    print(line)
+    match = re.match(r"^([A-Za-z0-9._-]+)==", line)
+    if match and norm(match.group(1)) in built:
+        print(f"    --hash={built.pop(norm(match.group(1)))} \\")
+        print(f"build_image.sh: {match.group(1)}: the wheel built here from its sdist", file=sys.stderr)
 EOF
+    cp "$wheelhouse/torch.txt" "$wheelhouse/deps.tmp/"
     rm -rf "$wheelhouse/deps"
     mv "$wheelhouse/deps.tmp" "$wheelhouse/deps"
 fi
