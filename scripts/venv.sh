@@ -48,7 +48,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # 3. the project, editable (its build backend comes from the index into pip's isolated build env).
     "${pip[@]}" install --quiet --no-deps -e "$repo_root"
     # 4. what an earlier lock installed and this one dropped, then a consistency check.
-    mapfile -t stale < <("$venv/bin/python" "$repo_root/scripts/envlock.py" extraneous)
+    mapfile -t stale < <("$venv/bin/python" "$repo_root/scripts/envlock.py" extraneous | sed '/^$/d')
     [ "${#stale[@]}" -eq 0 ] || "${pip[@]}" uninstall --quiet -y "${stale[@]}"
     "${pip[@]}" check > /dev/null || { "${pip[@]}" check >&2; exit 1; }
     echo "$want" > "$stamp"
