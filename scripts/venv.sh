@@ -30,7 +30,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     pip=("$venv/bin/python" -m pip --disable-pip-version-check)
     "${pip[@]}" install --quiet "pip==26.3"        # the pip that scripts/lock.sh resolves with
     # 1. torch, by version and build; --no-deps for the CPU build, whose requirements are all in the lock.
-    torch_req="$(python3 "$repo_root/scripts/envlock.py" torch "$torch_build")"
+    torch_req="$("$venv/bin/python" "$repo_root/scripts/envlock.py" torch "$torch_build")"
     index_args=()
     [ -z "$torch_index" ] || index_args=(--index-url "$torch_index")
     if [ "$torch_build" = cpu ]; then
@@ -39,11 +39,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
                 "(PyTorch's: https://download.pytorch.org/whl/cpu)" >&2; exit 1; }
     else
         # The CUDA build's own requirements (nvidia-*, triton) from the index, the rest at the lock's pins.
-        python3 "$repo_root/scripts/envlock.py" pins > "$venv/requirements.pins"
+        "$venv/bin/python" "$repo_root/scripts/envlock.py" pins > "$venv/requirements.pins"
         "${pip[@]}" install --quiet "${index_args[@]}" -c "$venv/requirements.pins" "$torch_req"
     fi
     # 2. everything else, exactly the lock: every file checked against its hash, nothing resolved.
-    python3 "$repo_root/scripts/envlock.py" venv > "$venv/requirements.lock"
+    "$venv/bin/python" "$repo_root/scripts/envlock.py" venv > "$venv/requirements.lock"
     "${pip[@]}" install --quiet --no-deps --require-hashes -r "$venv/requirements.lock"
     # 3. the project, editable (its build backend comes from the index into pip's isolated build env).
     "${pip[@]}" install --quiet --no-deps -e "$repo_root"
