@@ -64,6 +64,10 @@ requirements = list(project["dependencies"])
 if sys.argv[1] == "cuda":
     requirements = [r for r in requirements if not r.startswith("onnxruntime")]
     requirements += project["optional-dependencies"]["gpu"]
+else:
+    # The TrainJob launcher (python -m pipelines.trainjob) runs in the CPU image: the pipeline extra's
+    # kubeflow SDK, without kfp.
+    requirements += [r for r in project["optional-dependencies"]["pipeline"] if r.startswith("kubeflow")]
 print("\n".join(requirements))
 EOF
 if [ "$variant" = cuda ]; then
