@@ -178,7 +178,8 @@ def submit(client: Any, settings: TrainJobSettings, run_id: str, device: str) ->
 
     trainer = CustomTrainerContainer(
         image=settings.image, num_nodes=settings.nodes,
-        resources_per_node={"nvidia.com/gpu": settings.gpus_per_node, "cpu": settings.cpu_per_node,
+        # Quantities as strings: the SDK would write a number as a float (4.0).
+        resources_per_node={"nvidia.com/gpu": str(settings.gpus_per_node), "cpu": settings.cpu_per_node,
                             "memory": settings.memory_per_node})
     return client.train(runtime=settings.runtime, trainer=trainer, options=[
         options.Name(job_name(run_id)), options.TrainerCommand(train_command(settings, run_id, device)),

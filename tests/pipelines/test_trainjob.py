@@ -146,24 +146,29 @@ def test_the_pipeline_runs_train_through_the_launcher_with_the_volume(tmp_path):
                  *[f"--set={key}={value}" for key, value in TRAINJOB.items()]]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["train-job"]["taskInfo"]["name"] == "train"  # the train_job component, shown as train
+    executor = spec["components"][tasks["train-job"]["componentRef"]["name"]]["executorLabel"]
+    container = spec["deploymentSpec"]["executors"][executor]["container"]
     assert container["command"] == ["python", "-m", "pipelines.trainjob"]
     assert container["image"] == "mammoseg:cpu"  # the launcher waits; the TrainJob's pods have the GPUs
     assert "accelerator" not in container.get("resources", {})
     args = container["args"]
-    settings = TrainJobSettings.from_json(args[args.index("--trainjob") + 1])
+    assert args[args.index("--trainjob") + 1] == "{{$.inputs.parameters['trainjob']}}"
+    # The settings are a constant of the task, fixed when compiling.
+    settings = TrainJobSettings.from_json(
+        tasks["train-job"]["inputs"]["parameters"]["trainjob"]["runtimeValue"]["constant"])
     assert (settings.runtime, settings.nodes, settings.gpus_per_node, settings.image) == (
         "torch-distributed", 2, 4, TRAIN_IMAGE)
     # The launcher's command line parses (placeholders stand for what KFP fills in).
     parsed = _parser().parse_args(args)
     assert parsed.dataset.as_posix().startswith("{{$.inputs.artifacts['dataset']")
-    (mount,) = executors["exec-train"]["pvcMount"]
+    (mount,) = executors[executor]["pvcMount"]
     assert mount["mountPath"] == CHECKPOINT_MOUNT == settings.mount  # it stages the inputs on the volume
-    assert "secretAsEnv" not in executors["exec-train"]  # the TrainJob's pods get the MLflow secret
-    tasks = spec["root"]["dag"]["tasks"]
-    assert "train" in tasks["remove-run-checkpoints"]["dependentTasks"]
+    assert "secretAsEnv" not in executors[executor]  # the TrainJob's pods get the MLflow secret
+    assert "train-job" in tasks["remove-run-checkpoints"]["dependentTasks"]
     assert {"evaluate", "export"} <= {name for name, task in tasks.items()
-                                      if "train" in task.get("dependentTasks", [])}
+                                      if "train-job" in task.get("dependentTasks", [])}
 
 
 def test_a_trainjob_needs_the_checkpoint_volume_and_a_size():
