@@ -67,8 +67,11 @@ requirements = list(project["dependencies"])
 if sys.argv[1] == "cuda":
     requirements = [r for r in requirements if not r.startswith("onnxruntime")]
     requirements += project["optional-dependencies"]["gpu"]
-else:  # export and predict run in the CPU image: OpenVINO's variants are built and gated there
+else:
+    # Export and predict run in the CPU image: OpenVINO's variants are built and gated there. So does
+    # the TrainJob launcher (python -m pipelines.trainjob): the pipeline extra's kubeflow SDK, without kfp.
     requirements += project["optional-dependencies"]["openvino"]
+    requirements += [r for r in project["optional-dependencies"]["pipeline"] if r.startswith("kubeflow")]
 print("\n".join(requirements))
 EOF
 if [ "$variant" = cuda ]; then
