@@ -9,7 +9,8 @@ Under torchrun (`torchrun --nproc-per-node N --no-python mammoseg train ...`) ea
 DistributedDataParallel replica on its share of every global batch of N x batch_size draws; rank 0
 alone tracks, validates, selects and writes (mammoseg.distributed). Draws, patches and
 augmentations are functions of the epoch and a draw's position in it, never of the rank, so N ranks
-at batch b train like one process at batch N x b.
+at batch b train like one process at batch N x b. One process (no torchrun) draws exactly as it did
+before there were ranks: its loader's samplers and one augmentation generator per epoch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from mammoseg import distributed, tracking
@@ -103,10 +104,10 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     logits = logits.float()
     probabilities = torch.sigmoid(logits)
     dims = (0, 2, 3)
-    sums = torch.stack([(probabilities * target).sum(dims), probabilities.sum(dims) + target.sum(dims)])
+    intersection = (probabilities * target).sum(dims)
+    denominator = probabilities.sum(dims) + target.sum(dims)
     if pool is not None:
-        sums = pool(sums)
-    intersection, denominator = sums
+        intersection, denominator = pool(torch.stack([intersection, denominator]))
     # Smoothing of 1 px: a class absent from the batch and absent from the prediction scores ~1.
     soft_dice = (2 * intersection + 1) / (denominator + 1)
     pos_weight = torch.tensor(bce_pos_weight, device=logits.device)
@@ -115,25 +116,28 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
 
 
 def sample_patches(images: torch.Tensor, masks: torch.Tensor, size: int, lesion_prob: float,
-                   generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                   generators: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut one square patch per image, centred near a lesion pixel with probability lesion_prob.
 
     nnU-Net's foreground oversampling: a uniformly placed patch rarely holds one of the few lesions.
     A lesion patch puts a random lesion pixel at a random position inside its central 3/4, so the
-    network never learns "lesions sit in the middle". Each image's draws come from its own generator
-    (draw_generators: resumable, and the same whichever batch or rank the image lands in).
+    network never learns "lesions sit in the middle". Draws come from one generator for the batch
+    (one process: the epoch's, resumable), or from each image's own (several ranks: draw_generators,
+    the same whichever rank the image lands in).
 
     Args:
         images: (N, 1, H, W).
         masks: (N, C, H, W) in {0, 1}.
         size: the patch side, <= H and W.
         lesion_prob: probability that a patch is placed on a lesion (when the image has one).
-        generators: N CPU generators, one per image.
+        generators: a CPU generator, or N of them, one per image.
 
     Returns:
         (N, 1, size, size) images and (N, C, size, size) masks.
     """
     height, width = images.shape[-2:]
+    if isinstance(generators, torch.Generator):
+        generators = [generators] * len(images)
     out_images, out_masks = [], []
     for image, mask, generator in zip(images, masks, generators, strict=True):
         draws = torch.rand(3, generator=generator)
@@ -153,24 +157,28 @@ def sample_patches(images: torch.Tensor, masks: torch.Tensor, size: int, lesion_
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, config: TrainConfig,
-            generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+            generators: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply random vertical flips, small rotations/zooms and gamma/contrast jitter to a batch.
 
-    Each image's draws come from its own generator (draw_generators: seeded by the epoch and the
-    image's draw position), so a resumed run sees the same augmentations as an uninterrupted one,
-    and an image gets the same ones whichever batch size or rank it is trained at.
+    Random draws come from one generator for the batch (one process: seeded per epoch), or from
+    each image's own (several ranks: draw_generators, seeded by the epoch and the image's draw
+    position, so an image gets the same ones whichever rank it is trained on). Either way a resumed
+    run sees the same augmentations as an uninterrupted one.
 
     Args:
         images: (N, 1, H, W) in [0, 1].
         masks: (N, 2, H, W) in {0, 1}.
         config: augmentation strengths.
-        generators: N CPU generators, one per image.
+        generators: a CPU generator, or N of them, one per image.
 
     Returns:
         The augmented (images, masks), same shapes.
     """
     n = images.shape[0]
-    draws = torch.stack([torch.rand(5, generator=generator) for generator in generators]).to(images.device)
+    if isinstance(generators, torch.Generator):
+        draws = torch.rand(n, 5, generator=generators).to(images.device)
+    else:
+        draws = torch.stack([torch.rand(5, generator=generator) for generator in generators]).to(images.device)
     flip = draws[:, 0] < config.aug_vflip_prob
     angle = (draws[:, 1] * 2 - 1) * math.radians(config.aug_rotate_deg)
     zoom = 1 + (draws[:, 2] * 2 - 1) * config.aug_scale
@@ -201,11 +209,15 @@ def _lr_factor(epoch: int, config: TrainConfig) -> float:
 def config_hash(config: TrainConfig, dataset_digest: str, world_size: int = 1) -> str:
     """Hash the fields that define a training (and the data), to recognise a resumable checkpoint.
 
-    The number of ranks is part of it: N ranks at batch b train at a global batch of N x b, another
-    training than the same config on another number of GPUs.
+    The number of ranks is part of it when there are several: N ranks at batch b train at a global
+    batch of N x b, another training than the same config on another number of GPUs. One process
+    hashes as it did before there were ranks, so its checkpoints (and run names) stay valid.
     """
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
-    text = json.dumps({"config": fields, "dataset": dataset_digest, "world_size": world_size}, sort_keys=True)
+    hashed = {"config": fields, "dataset": dataset_digest}
+    if world_size > 1:
+        hashed["world_size"] = world_size
+    text = json.dumps(hashed, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -246,9 +258,10 @@ def sampling_weights(rows: pd.DataFrame, mass_image_share: float) -> np.ndarray 
 class EpochDraws(Sampler[tuple[int, int]]):
     """One epoch's training draws, this rank's share: (image index, position in the epoch's draws).
 
-    Every rank computes the same global sequence from the epoch's seed, the one a single process
-    draws: with `weights`, `len(rows)` draws with replacement (lesion-aware sampling), else a
-    permutation. Global batches of batch_size x world_size consecutive draws follow one another;
+    The sampler of several ranks; one process keeps its DataLoader's own (_Trainer._loader), so its
+    random stream is the one it always had. Every rank computes the same global sequence from the
+    epoch's seed: with `weights`, `len(rows)` draws with replacement (WeightedRandomSampler's draw),
+    else a permutation (RandomSampler's). Global batches of batch_size x world_size consecutive draws follow one another;
     rank r takes the r-th contiguous slice of each, so together the ranks train on exactly the
     batches one process at the global batch size would. With several ranks the sequence is
     lengthened to a multiple of the world size (more draws with replacement; a permutation repeats
@@ -517,10 +530,11 @@ class _Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------
     def _loader(self, split: str, shuffle_seed: int | None) -> DataLoader:
-        """Return the split's loader: validation in order; training the epoch's draws (EpochDraws).
+        """Return the split's loader: validation in order; training shuffled or lesion-aware sampled.
 
-        Training batches are (images, masks, draw positions): this rank's share of shuffled or
-        lesion-aware sampled draws.
+        One process's training batches are (images, masks), from the DataLoader's own samplers;
+        several ranks' are (images, masks, draw positions), this rank's share of the epoch's draws
+        (EpochDraws).
         """
         rows = self.splits[split]
         dataset = ExampleDataset(self.dataset_dir, rows)
@@ -528,23 +542,35 @@ class _Trainer:
                   "pin_memory": self.device.type == "cuda"}
         if shuffle_seed is None:
             return DataLoader(dataset, shuffle=False, drop_last=False, **common)
-        draws = EpochDraws(len(rows), sampling_weights(rows, self.config.mass_image_share), shuffle_seed,
-                           self.config.batch_size, self.ranks)
-        return DataLoader(_Drawn(dataset), sampler=draws, drop_last=False, **common)
+        weights = sampling_weights(rows, self.config.mass_image_share)
+        if self.ranks.distributed:
+            draws = EpochDraws(len(rows), weights, shuffle_seed, self.config.batch_size, self.ranks)
+            return DataLoader(_Drawn(dataset), sampler=draws, drop_last=False, **common)
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        # A last batch of one image gives BatchNorm a single sample at the 1x1-2x2 bottleneck.
+        drop_last = len(rows) % self.config.batch_size == 1 and len(rows) > self.config.batch_size
+        if weights is None:
+            return DataLoader(dataset, shuffle=True, generator=generator, drop_last=drop_last, **common)
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(rows), replacement=True,
+                                        generator=generator)
+        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **common)
 
     def train_epoch(self) -> float:
         """Train one epoch on this rank's share of the draws; return the mean loss over steps and ranks."""
         config = self.config
         self.network.train()
         epoch_seed = config.seed * 100_003 + self.epoch
+        # One process: one generator for the epoch's patches and augmentations, drawn batch after
+        # batch. Several ranks: one per draw (draw_generators), whichever rank holds it.
+        augment_rng = torch.Generator().manual_seed(epoch_seed + 1)
         total, batches = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         loader = self._loader("train", shuffle_seed=epoch_seed)
         pool = self.ranks.sum_with_grad if self.ranks.distributed else None
-        for step, (images, masks, positions) in enumerate(tqdm(
+        for step, (images, masks, *positions) in enumerate(tqdm(
                 loader, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch", leave=False,
                 disable=None if self.ranks.is_main else True)):
-            generators = draw_generators(epoch_seed, positions.tolist())
+            generators = draw_generators(epoch_seed, positions[0].tolist()) if positions else augment_rng
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             if self.patch_size:
