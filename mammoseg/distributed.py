@@ -174,7 +174,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         """Normalise (N, C, H, W) with the global batch's mean and variance (training) or the running ones."""
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        values = x.float()
+        # Statistics in fp32 at least (bf16/fp16 under autocast), in the input's precision above it.
+        values = x if x.dtype == torch.float64 else x.float()
         dims = (0, 2, 3)
         local_count = torch.tensor([values.numel() / values.shape[1]], dtype=values.dtype, device=values.device)
         # One all-reduce for the sums and the pixel count, a second for the centred squares.

@@ -101,7 +101,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     Returns:
         A scalar loss.
     """
-    logits = logits.float()
+    # fp32 at least (bf16/fp16 logits under autocast); float64 stays float64 (the DDP equivalence test).
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     probabilities = torch.sigmoid(logits)
     dims = (0, 2, 3)
     intersection = (probabilities * target).sum(dims)
@@ -110,7 +111,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
         intersection, denominator = pool(torch.stack([intersection, denominator]))
     # Smoothing of 1 px: a class absent from the batch and absent from the prediction scores ~1.
     soft_dice = (2 * intersection + 1) / (denominator + 1)
-    pos_weight = torch.tensor(bce_pos_weight, device=logits.device)
+    pos_weight = torch.tensor(bce_pos_weight, dtype=logits.dtype, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
     return dice_weight * (1 - soft_dice.mean()) + bce_weight * bce
 
@@ -261,8 +262,8 @@ class EpochDraws(Sampler[tuple[int, int]]):
     The sampler of several ranks; one process keeps its DataLoader's own (_Trainer._loader), so its
     random stream is the one it always had. Every rank computes the same global sequence from the
     epoch's seed: with `weights`, `len(rows)` draws with replacement (WeightedRandomSampler's draw),
-    else a permutation (RandomSampler's). Global batches of batch_size x world_size consecutive draws follow one another;
-    rank r takes the r-th contiguous slice of each, so together the ranks train on exactly the
+    else a permutation (RandomSampler's). Global batches of batch_size x world_size consecutive
+    draws follow one another; rank r takes the r-th contiguous slice of each, so together the ranks train on exactly the
     batches one process at the global batch size would. With several ranks the sequence is
     lengthened to a multiple of the world size (more draws with replacement; a permutation repeats
     its first images, as DistributedSampler does) so every rank takes as many steps; a last global

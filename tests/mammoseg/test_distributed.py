@@ -3,13 +3,22 @@
 The end-to-end test starts the real `torchrun --nproc-per-node 2 --no-python mammoseg train` (gloo
 on CPU, on 127.0.0.1) and the real single-process `mammoseg train` at twice the batch, on the same
 data, and compares their weights after one optimizer step: same draws (one global batch holding
-every training draw of the epoch), same per-draw patches and augmentations (seeded by the draw's
-position, not the rank), fp32 (no bf16 autocast), deterministic kernels. Only the order of the sums
-differs, so the weights agree to fp32 rounding, far below the step itself.
+every training draw of the epoch), augmentation off (one process draws its augmentations from one
+generator per epoch, as it always has, and several ranks from one per draw: with augmentation on
+the two would train on differently augmented images), fp32 (no bf16 autocast), deterministic
+kernels. Only the order of the sums differs, so the weights agree to fp32 rounding, far below the
+step itself. That holds with GroupNorm; with BatchNorm the full network's fp32 gradient is itself
+~0.5 % off its float64 value (a one-process run alone, measured at 128 and 256 px), so any other
+order of fp32 sums (GlobalBatchNorm2d's) moves it as much. The BatchNorm equivalence is therefore
+tested on the whole network in float64, where nothing but the arithmetic's order differs and the
+two agree to ~1e-13.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +30,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from mammoseg import distributed
 from mammoseg.data import INDEX_FILE
 from mammoseg.stages import train
-from tests.conftest import REPO_ROOT, free_port, stage_config_for
+from model import LightUNet
+from tests.conftest import REPO_ROOT, TINY_TRAIN, free_port, stage_config_for
 
 RANK_BATCH = 4
 WORLD_SIZE = 2
@@ -60,10 +71,11 @@ def _train_flags(dataset: Path, model_out: Path, batch_size: int, experiment: st
             "--epochs", "1", "--batch-size", str(batch_size), "--grad-accum-steps", "1", "--num-workers", "0",
             "--overlay-every", "0", "--no-log-system-metrics", "--warmup-epochs", "0", "--validate-every", "1",
             "--no-amp", "--device", "cpu", "--experiment", experiment,
-            # GroupNorm: the whole-network comparison covers draws, augmentations, the pooled Dice,
-            # DDP's averaging and rank 0's run. With BatchNorm the full 7-level network at 128 px
-            # (1x1 bottleneck) does not match yet (gradients 0.5-16 % apart, GlobalBatchNorm2d vs
-            # BatchNorm2d; open); one layer's equivalence is tested below.
+            # Augmentation off: one process and several ranks seed it differently (module docstring).
+            "--aug-vflip-prob", "0", "--aug-rotate-deg", "0", "--aug-scale", "0", "--aug-gamma", "0",
+            "--aug-contrast", "0",
+            # GroupNorm: the fp32 comparison covers draws, the pooled Dice, DDP's averaging and rank
+            # 0's run. BatchNorm's is in float64 (test_the_whole_network_on_two_ranks_...).
             "--norm", "group"]
 
 
@@ -117,6 +129,76 @@ def test_two_ranks_at_batch_b_take_the_step_of_one_process_at_2b_and_log_one_run
     assert run.data.tags["world_size"] == "2" and run.data.tags["global_batch_size"] == str(RANK_BATCH * WORLD_SIZE)
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_dice_mean")] == [1]
     assert (tmp_path / "ddp" / "model.pt").is_file() and not (tmp_path / "ddp" / train.STAGING_DIR).exists()
+
+
+WHOLE_BATCH = 8
+# float64: two ranks against one process, the whole 7-level network at 128 px (a 1x1 bottleneck).
+# Measured: gradients 1e-13 apart (BatchNorm and GroupNorm), as far as one process's own with the
+# batch's halves swapped; in fp32 both are ~5e-3 (BatchNorm), the fp32 gradient's own error.
+FLOAT64_RTOL = 1e-9
+
+
+def _whole_network(norm: str) -> torch.nn.Module:
+    """params.yaml's LightUNet with `norm`, seeded, in float64 and training mode."""
+    torch.manual_seed(0)
+    config = stage_config_for("train", norm=norm)
+    return LightUNet(**train._architecture(config, in_channels=2)).double().train()
+
+
+def _whole_network_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(WHOLE_BATCH, 2, 128, 128, generator=generator, dtype=torch.float64)
+    masks = (torch.rand(WHOLE_BATCH, 2, 128, 128, generator=generator) > 0.99).double()
+    return images, masks
+
+
+def _whole_network_step(network: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                        pool=None) -> dict[str, torch.Tensor]:
+    """One forward and backward with train's loss; return the gradients and BatchNorm's buffers."""
+    train.segmentation_loss(network(images), masks, 1.0, 1.0, 10.0, pool).backward()
+    module = network.module if isinstance(network, DistributedDataParallel) else network
+    return {**{f"grad.{name}": p.grad.clone() for name, p in module.named_parameters()},
+            **{f"buffer.{name}": b.clone() for name, b in module.named_buffers()}}
+
+
+def _whole_network_rank(rank: int, port: int, out: str, norm: str) -> None:
+    """One rank: half the batch through DDP(LightUNet), BatchNorm as train synchronises it; saves its step."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    ranks = _ranks(rank, WORLD_SIZE)
+    network = DistributedDataParallel(distributed.synchronise_batch_norm(_whole_network(norm), ranks))
+    images, masks = _whole_network_inputs()
+    share = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
+    step = _whole_network_step(network, images[share], masks[share], ranks.sum_with_grad)
+    kinds = sorted({type(m).__name__ for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)})
+    torch.save({"step": step, "batch_norm": kinds}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_the_whole_network_on_two_ranks_takes_the_step_of_one_process_in_float64(norm, tmp_path):
+    """BatchNorm (the paper's) and GroupNorm: DDP's gradients, and BatchNorm's running statistics.
+
+    The gradient through the global batch's statistics (differentiable all-reduces), the pooled
+    Dice, DDP's average over the ranks, the momentum update of the running mean and variance and
+    the batch counter: all as one process at twice the batch.
+    """
+    torch.multiprocessing.spawn(_whole_network_rank, args=(free_port(), str(tmp_path), norm), nprocs=WORLD_SIZE)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    assert ranks[0]["batch_norm"] == (["GlobalBatchNorm2d"] if norm == "batch" else [])
+    torch.set_num_threads(1)
+    single = _whole_network_step(_whole_network(norm), *_whole_network_inputs())
+    assert any(key.startswith("buffer.") for key in single) == (norm == "batch")
+    for rank in ranks:
+        assert rank["step"].keys() == single.keys()
+        for key, expected in single.items():
+            got = rank["step"][key]
+            if not expected.is_floating_point():
+                assert torch.equal(got, expected), key  # num_batches_tracked
+                continue
+            assert _relative_difference(got, expected) < FLOAT64_RTOL, key
 
 
 def _global_batch_norm_rank(rank: int, port: int, out: str) -> None:
@@ -192,3 +274,18 @@ def test_the_ranks_share_each_global_batch_of_the_single_process_draws(weights):
 def test_a_last_global_batch_of_one_image_is_dropped():
     assert len(train.EpochDraws(9, None, 0, 4, _ranks(0, 1))) == 8
     assert len(train.EpochDraws(10, None, 0, 4, _ranks(0, 1))) == 10
+
+
+def test_one_process_hashes_and_draws_as_before_there_were_ranks(prepared_data, tmp_path):
+    """One process's checkpoints, run names and random stream are those it had before DDP."""
+    config = stage_config_for("train", **TINY_TRAIN)
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in train._NOT_HASHED}
+    before = hashlib.sha256(json.dumps({"config": fields, "dataset": "d"}, sort_keys=True).encode()).hexdigest()[:16]
+    assert train.config_hash(config, "d") == train.config_hash(config, "d", 1) == before
+    assert train.config_hash(config, "d", 2) != before
+    # The DataLoader's own samplers, batches of (images, masks): EpochDraws is for several ranks.
+    trainer = train._Trainer(config, prepared_data.dataset, tmp_path)
+    assert isinstance(trainer._loader("train", 0).sampler, torch.utils.data.WeightedRandomSampler)
+    shuffled = train._Trainer(dataclasses.replace(config, mass_image_share=0.0), prepared_data.dataset, tmp_path)
+    assert isinstance(shuffled._loader("train", 0).sampler, torch.utils.data.RandomSampler)
+    assert len(next(iter(trainer._loader("train", 0)))) == 2

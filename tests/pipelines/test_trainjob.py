@@ -169,7 +169,7 @@ def test_the_pipeline_runs_train_through_the_launcher_with_the_volume(tmp_path):
     parsed = _parser().parse_args(args)
     assert parsed.dataset.as_posix().startswith("{{$.inputs.artifacts['dataset']")
     # It passes on train's lineage flags, all of them, with the pipeline's parameters.
-    assert PASSED_ON == tuple(flag for flag, _ in LINEAGE_FLAGS)
+    assert tuple(flag for flag, _ in LINEAGE_FLAGS) == PASSED_ON
     lineage = dict(zip(_lineage(parsed)[::2], _lineage(parsed)[1::2], strict=True))
     assert lineage["--git-commit"] == "{{$.inputs.parameters['git_commit']}}"
     assert lineage["--image-digest"] == "{{$.inputs.parameters['image_digest']}}"
