@@ -9,8 +9,9 @@ Under torchrun (`torchrun --nproc-per-node N --no-python mammoseg train ...`) ea
 DistributedDataParallel replica on its share of every global batch of N x batch_size draws; rank 0
 alone tracks, validates, selects and writes (mammoseg.distributed). Draws, patches and
 augmentations are functions of the epoch and a draw's position in it, never of the rank, so N ranks
-at batch b train like one process at batch N x b. One process (no torchrun) draws exactly as it did
-before there were ranks: its loader's samplers and one augmentation generator per epoch.
+at batch b train like one process at batch N x b on the same images. One process (no torchrun)
+draws exactly as it did before there were ranks: its loader's samplers and one augmentation
+generator per epoch (its lesion-aware draws are the ranks', its shuffle and augmentations are not).
 """
 
 from __future__ import annotations
@@ -261,13 +262,15 @@ class EpochDraws(Sampler[tuple[int, int]]):
 
     The sampler of several ranks; one process keeps its DataLoader's own (_Trainer._loader), so its
     random stream is the one it always had. Every rank computes the same global sequence from the
-    epoch's seed: with `weights`, `len(rows)` draws with replacement (WeightedRandomSampler's draw),
-    else a permutation (RandomSampler's). Global batches of batch_size x world_size consecutive
-    draws follow one another; rank r takes the r-th contiguous slice of each, so together the ranks train on exactly the
-    batches one process at the global batch size would. With several ranks the sequence is
-    lengthened to a multiple of the world size (more draws with replacement; a permutation repeats
-    its first images, as DistributedSampler does) so every rank takes as many steps; a last global
-    batch of a single image, which BatchNorm cannot normalise, is dropped.
+    epoch's seed: with `weights`, `len(rows)` draws with replacement (WeightedRandomSampler's draw,
+    the one process's), else a seeded permutation (not the one process's: its DataLoader draws the
+    workers' base seed from the generator first). Global batches of batch_size x world_size
+    consecutive draws follow one another; rank r takes the r-th contiguous slice of each, so with
+    lesion-aware sampling the ranks train on exactly the batches one process at the global batch
+    size would. With several ranks the sequence is lengthened to a multiple of the world size (more
+    draws with replacement; a permutation repeats its first images, as DistributedSampler does) so
+    every rank takes as many steps; a last global batch of a single image, which BatchNorm cannot
+    normalise, is dropped.
 
     Args:
         count: the number of training images.

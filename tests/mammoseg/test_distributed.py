@@ -251,8 +251,8 @@ def test_the_ranks_share_each_global_batch_of_the_single_process_draws(weights):
     one = list(train.EpochDraws(count, weights, seed, batch * 2, _ranks(0, 1)))
     shares = [list(train.EpochDraws(count, weights, seed, batch, _ranks(rank, 2))) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 5  # 9 draws lengthened to 10: every rank takes 3 steps
-    # One process draws as it always did (RandomSampler's shuffle, WeightedRandomSampler's lesion-aware
-    # draws), less the last global batch of a single image.
+    # One rank draws the seeded permutation, or WeightedRandomSampler's lesion-aware draws (one
+    # process's own, train._Trainer._loader), less the last global batch of a single image.
     generator = torch.Generator().manual_seed(seed)
     if weights is None:
         before = torch.randperm(count, generator=generator).tolist()
