@@ -1,6 +1,7 @@
 # The image the pipeline components run in, in two variants: CPU for every task, CUDA for train (the
 # task with a GPU): mammoseg and its locked dependencies in /opt/venv, `mammoseg` on the PATH, a
-# non-root user (uid/gid 1000, which the pipeline states as each container's securityContext). No kfp: the components are container components (KFP's
+# non-root user (uid/gid 1000, which the pipeline states as each container's securityContext); the CPU
+# variant also has the kubeflow SDK, for the TrainJob launcher (pipelines/trainjob.py). No kfp: the components are container components (KFP's
 # launcher is a Go binary the cluster injects), so the `pipeline` extra stays on the machine that
 # compiles and submits; `mammoseg-pipeline` in the image says so in one line. Built offline by
 # scripts/build_image.sh (read it first):

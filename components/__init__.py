@@ -19,6 +19,7 @@ from components.ingest import ingest
 from components.preprocess import preprocess
 from components.register import register
 from components.train import train
+from components.train_job import train_job
 from components.validate import validate
 
 # The stage components in pipeline order (the same names as mammoseg.cli.PIPELINE_STAGES).
@@ -26,4 +27,4 @@ STAGE_COMPONENTS = {"ingest": ingest, "validate": validate, "preprocess": prepro
                     "evaluate": evaluate, "export": export, "register": register}
 
 __all__ = ["STAGE_COMPONENTS", "check_checkpoint_volume", "data", "evaluate", "export", "ingest", "preprocess",
-           "register", "remove_run_checkpoints", "train", "validate"]
+           "register", "remove_run_checkpoints", "train", "train_job", "validate"]

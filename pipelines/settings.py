@@ -88,6 +88,10 @@ class PipelineSettings:
     tolerations: list[dict[str, Any]]
     run_as_user: int | None
     run_as_group: int | None
+    trainjob_runtime: str
+    train_nodes: int
+    train_gpus_per_node: int
+    trainjob_timeout: int
 
 
 # What Kubernetes accepts in a toleration (kfp.kubernetes.add_toleration's arguments).
@@ -125,7 +129,8 @@ def check_settings(settings: PipelineSettings) -> None:
     """Refuse `pipeline:` values that the compiled pipeline could not apply, with one line naming the key.
 
     Raises:
-        SettingsError: a malformed node selector, toleration, device or uid/gid.
+        SettingsError: a malformed node selector, toleration, device, uid/gid or TrainJob size, or a
+            TrainJob without the checkpoint volume it exchanges files through.
     """
     if not isinstance(settings.train_device, str) or not TRAIN_DEVICE.fullmatch(settings.train_device):
         raise SettingsError(f"pipeline.train_device: expected cuda, cuda:N or cpu, got {settings.train_device!r}")
@@ -137,6 +142,13 @@ def check_settings(settings: PipelineSettings) -> None:
         value = getattr(settings, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise SettingsError(f"pipeline.{name}: expected a uid/gid >= 0 or null, got {value!r}")
+    for name, least in (("train_nodes", 1), ("train_gpus_per_node", 1), ("trainjob_timeout", 60)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SettingsError(f"pipeline.{name}: expected a whole number >= {least}, got {value!r}")
+    if settings.trainjob_runtime and not settings.checkpoint_pvc:
+        raise SettingsError("pipeline.trainjob_runtime: a TrainJob's pods get no KFP artifacts; they read the "
+                            "inputs from, and write the model to, the checkpoint volume: set pipeline.checkpoint_pvc")
 
 
 @dataclasses.dataclass(frozen=True)

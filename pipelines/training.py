@@ -19,6 +19,12 @@ Pipeline parameters:
         compiled at another commit trains again, so a run's commit is always the code that trained.
     train_device: train's torch device (pipeline.train_device, cuda); `run --local` passes cpu.
 
+With pipeline.trainjob_runtime set, train is a launcher task in the CPU image instead
+(components/train_job.py, pipelines/trainjob.py) that runs `mammoseg train` as a Kubeflow Trainer
+v2 TrainJob of train_nodes x train_gpus_per_node ranks on that runtime; the TrainJob's pods get the
+GPUs, the MLflow secret, the checkpoint volume (through which the launcher hands them the inputs and
+takes back the model) and the node selector and tolerations of train.
+
 Cluster settings (from params.yaml's `pipeline:` block): MLflow and S3 credentials come from
 Kubernetes secrets as environment variables (never parameters), each key only where the secret has it
 but MLFLOW_TRACKING_URI (pipelines.settings.MLFLOW_ENV, S3_ENV); train runs the CUDA image on cuda,
@@ -39,8 +45,10 @@ from kfp import compiler, dsl, kubernetes
 
 from components import data, evaluate, export, ingest, preprocess, register, train, validate
 from components.checkpoints import check_checkpoint_volume, remove_run_checkpoints
+from components.train_job import train_job
 from pipelines.images import TaskImages, task_images
 from pipelines.settings import MLFLOW_ENV, S3_ENV, CompileInputs, PipelineSettings, SecretKeys
+from pipelines.trainjob import TrainJobSettings
 
 # Where train sees the checkpoint volume (pipeline.checkpoint_pvc) when one is configured.
 CHECKPOINT_MOUNT = "/checkpoints"
@@ -94,6 +102,18 @@ def _checkpoint_volume(trained: dsl.PipelineTask, checked: dsl.PipelineTask, rem
         kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=CHECKPOINT_MOUNT)
     for task in (checked, removed):
         task.set_caching_options(enable_caching=False)
+
+
+def trainjob_settings(settings: PipelineSettings, train_image: str) -> TrainJobSettings:
+    """Return what the launcher builds the TrainJob from: the pipeline block's train settings, per node."""
+    return TrainJobSettings(
+        runtime=settings.trainjob_runtime, image=train_image, nodes=settings.train_nodes,
+        gpus_per_node=settings.train_gpus_per_node, cpu_per_node=settings.train_cpu_request,
+        memory_per_node=settings.train_memory_request, shm_size=settings.shm_size,
+        volume_claim=settings.checkpoint_pvc, mount=CHECKPOINT_MOUNT, secret=settings.mlflow_secret,
+        required_keys=MLFLOW_ENV.required, optional_keys=MLFLOW_ENV.optional,
+        node_selector=settings.train_node_selector, tolerations=settings.train_tolerations,
+        run_as_user=settings.run_as_user, run_as_group=settings.run_as_group, timeout=settings.trainjob_timeout)
 
 
 def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> Any:
@@ -157,19 +177,28 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
                                         image_digest=image_digest), "preprocess")
         prepared.after(validated)
 
-        trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
-                                  validation_report=validated.outputs["report"], image_digest=train_image_digest,
-                                  checkpoint_dir=checkpoint_dir, device=train_device, git_commit=git_commit,
-                                  git_dirty=git_dirty, data_dvc_hash=data_hash), "train", gpu=True)
+        if settings.trainjob_runtime:
+            # A launcher in the CPU image: the TrainJob's pods have the GPUs, the secret and the volume.
+            trained = configure(train_job(params=train_params, dataset=prepared.outputs["dataset"],
+                                          validation_report=validated.outputs["report"],
+                                          image_digest=train_image_digest, device=train_device,
+                                          trainjob=trainjob_settings(settings, images.train_image).to_json(),
+                                          git_commit=git_commit, git_dirty=git_dirty, data_dvc_hash=data_hash),
+                                "train")
+        else:
+            trained = configure(train(params=train_params, dataset=prepared.outputs["dataset"],
+                                      validation_report=validated.outputs["report"], image_digest=train_image_digest,
+                                      checkpoint_dir=checkpoint_dir, device=train_device, git_commit=git_commit,
+                                      git_dirty=git_dirty, data_dvc_hash=data_hash), "train", gpu=True)
+            trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
+            trained.set_memory_limit(settings.train_memory_limit)
+            trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)
+            kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=settings.shm_size)
         if settings.checkpoint_pvc:
             checked = configure(check_checkpoint_volume(checkpoint_dir=checkpoint_dir), "check-checkpoint-volume")
             removed = configure(remove_run_checkpoints(checkpoint_dir=checkpoint_dir), "remove-run-checkpoints")
             _checkpoint_volume(trained, checked, removed, settings.checkpoint_pvc)
-        trained.set_cpu_request(settings.train_cpu_request).set_memory_request(settings.train_memory_request)
-        trained.set_memory_limit(settings.train_memory_limit)
-        trained.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_limit)
-        kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=settings.shm_size)
         trained.set_retry(num_retries=settings.train_retries, backoff_duration=settings.retry_backoff,
                           backoff_factor=2.0, backoff_max_duration=settings.retry_backoff_max)
 
@@ -184,7 +213,9 @@ def build_pipeline(inputs: CompileInputs, images: TaskImages | None = None) -> A
         # The promotion gate reads the test metric that evaluate logged to the training run.
         registered.after(evaluated)
         registered.set_caching_options(enable_caching=False)
-        for task in (trained, evaluated, exported, registered):
+        # The launcher of a TrainJob needs no MLflow credentials: its pods get them (pipelines.trainjob).
+        for task in (evaluated, exported, registered) if settings.trainjob_runtime else (
+                trained, evaluated, exported, registered):
             _with_secret(task, settings.mlflow_secret, MLFLOW_ENV)
         return registered.outputs["decision"]
 

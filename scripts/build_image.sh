@@ -60,7 +60,7 @@ mkdir -p "$build_dir"
 # --- 2a. the image's share of the lock (cheap; part of the content hash) ----------------------------------
 mkdir -p "$wheelhouse"
 # requirements.lock: the runtime subset of the repo's requirements.lock (the dependencies and the openvino
-# extra for cpu, the gpu extra's onnxruntime-gpu in place of onnxruntime for cuda), with its hashes.
+# extra and the kubeflow SDK for cpu, the gpu extra's onnxruntime-gpu in place of onnxruntime for cuda), with its hashes.
 # torch.txt: torch's build (requirements-torch.txt's version; +cpu for cpu), from MAMMOSEG_TORCH_INDEX if set.
 "$python" scripts/envlock.py image "$variant" > "$wheelhouse/requirements.lock.new"
 "$python" scripts/envlock.py torch "$variant" > "$wheelhouse/torch.txt.new"

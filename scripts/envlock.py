@@ -127,10 +127,16 @@ def closure(entries: dict[str, Entry], roots: set[str], exclude: set[str]) -> li
 
 
 def image_entries(variant: str, entries: dict[str, Entry] | None = None) -> list[Entry]:
-    """The runtime subset of the lock for the image: dependencies + openvino (cpu) or + gpu (cuda)."""
+    """The runtime subset of the lock for the image: dependencies + openvino (cpu) or + gpu (cuda).
+
+    The CPU image also runs the TrainJob launcher (python -m pipelines.trainjob), so it takes the
+    pipeline extra's kubeflow SDK, without kfp.
+    """
     entries = read_lock() if entries is None else entries
     extras = ["openvino"] if variant == "cpu" else ["gpu"]
     roots = {normalize(_NAME.match(r).group(1)) for r in project_requirements(extras)}
+    if variant == "cpu":
+        roots.add("kubeflow")
     exclude = {"onnxruntime"} if variant == "cuda" else set(GPU_ONLY)
     return closure(entries, roots, exclude)
 

@@ -4,10 +4,19 @@ Whole images at the preprocessed size (the paper never trains on patches). One M
 training; every epoch ends with an atomic checkpoint (model, optimizer, scheduler, scaler, RNG
 states), so a killed run re-started with the same config continues where it stopped and, on CPU,
 reaches the same weights as an uninterrupted run.
+
+Under torchrun (`torchrun --nproc-per-node N --no-python mammoseg train ...`) each rank trains a
+DistributedDataParallel replica on its share of every global batch of N x batch_size draws; rank 0
+alone tracks, validates, selects and writes (mammoseg.distributed). Draws, patches and
+augmentations are functions of the epoch and a draw's position in it, never of the rank, so N ranks
+at batch b train like one process at batch N x b on the same images. One process (no torchrun)
+draws exactly as it did before there were ranks: its loader's samplers and one augmentation
+generator per epoch (its lesion-aware draws are the ranks', its shuffle and augmentations are not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +27,7 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +35,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from mammoseg import tracking
+from mammoseg import distributed, tracking
 from mammoseg.config import TrainConfig
 from mammoseg.data import CLASSES, CONTRACT_FILE, INDEX_FILE, ExampleDataset, load_examples, read_dataset
 from mammoseg.errors import UserError
@@ -39,7 +50,6 @@ from mammoseg.inference import (
     cpu_supports_bf16,
     predict_probabilities,
     save_model,
-    select_device,
 )
 from mammoseg.metrics import choose_threshold, dice_counts, nan_to_zero, pooled_dice
 from mammoseg.overlays import figure_grid, figure_panel, save_png
@@ -74,7 +84,8 @@ class TrainResult:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float,
-                      bce_weight: float, bce_pos_weight: float = 1.0) -> torch.Tensor:
+                      bce_weight: float, bce_pos_weight: float = 1.0,
+                      pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Per-class soft Dice (pooled over the batch) plus binary cross-entropy.
 
     Args:
@@ -83,43 +94,54 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
         dice_weight: weight of the mean soft-Dice loss over classes.
         bce_weight: weight of the mean binary cross-entropy.
         bce_pos_weight: weight of lesion pixels in the cross-entropy (background pixels weigh 1).
+        pool: sums the (2, C) intersection and denominator sums over the ranks, differentiably
+            (Ranks.sum_with_grad), so the Dice is that of the global batch; None for one process.
+            The cross-entropy is a mean per rank, which DistributedDataParallel's gradient average
+            turns into the global batch's mean (every rank holds as many images).
 
     Returns:
         A scalar loss.
     """
-    logits = logits.float()
+    # fp32 at least (bf16/fp16 logits under autocast); float64 stays float64 (the DDP equivalence test).
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     probabilities = torch.sigmoid(logits)
     dims = (0, 2, 3)
     intersection = (probabilities * target).sum(dims)
     denominator = probabilities.sum(dims) + target.sum(dims)
+    if pool is not None:
+        intersection, denominator = pool(torch.stack([intersection, denominator]))
     # Smoothing of 1 px: a class absent from the batch and absent from the prediction scores ~1.
     soft_dice = (2 * intersection + 1) / (denominator + 1)
-    pos_weight = torch.tensor(bce_pos_weight, device=logits.device)
+    pos_weight = torch.tensor(bce_pos_weight, dtype=logits.dtype, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
     return dice_weight * (1 - soft_dice.mean()) + bce_weight * bce
 
 
 def sample_patches(images: torch.Tensor, masks: torch.Tensor, size: int, lesion_prob: float,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generators: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut one square patch per image, centred near a lesion pixel with probability lesion_prob.
 
     nnU-Net's foreground oversampling: a uniformly placed patch rarely holds one of the few lesions.
     A lesion patch puts a random lesion pixel at a random position inside its central 3/4, so the
-    network never learns "lesions sit in the middle". Draws come from `generator` (resumable).
+    network never learns "lesions sit in the middle". Draws come from one generator for the batch
+    (one process: the epoch's, resumable), or from each image's own (several ranks: draw_generators,
+    the same whichever rank the image lands in).
 
     Args:
         images: (N, 1, H, W).
         masks: (N, C, H, W) in {0, 1}.
         size: the patch side, <= H and W.
         lesion_prob: probability that a patch is placed on a lesion (when the image has one).
-        generator: a CPU generator.
+        generators: a CPU generator, or N of them, one per image.
 
     Returns:
         (N, 1, size, size) images and (N, C, size, size) masks.
     """
     height, width = images.shape[-2:]
+    if isinstance(generators, torch.Generator):
+        generators = [generators] * len(images)
     out_images, out_masks = [], []
-    for image, mask in zip(images, masks, strict=True):
+    for image, mask, generator in zip(images, masks, generators, strict=True):
         draws = torch.rand(3, generator=generator)
         lesion = mask.amax(dim=0) > 0
         if draws[0] < lesion_prob and bool(lesion.any()):
@@ -137,23 +159,28 @@ def sample_patches(images: torch.Tensor, masks: torch.Tensor, size: int, lesion_
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, config: TrainConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            generators: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply random vertical flips, small rotations/zooms and gamma/contrast jitter to a batch.
 
-    Random draws come from `generator` (seeded per epoch and step), so a resumed run sees the same
-    augmentations as an uninterrupted one.
+    Random draws come from one generator for the batch (one process: seeded per epoch), or from
+    each image's own (several ranks: draw_generators, seeded by the epoch and the image's draw
+    position, so an image gets the same ones whichever rank it is trained on). Either way a resumed
+    run sees the same augmentations as an uninterrupted one.
 
     Args:
         images: (N, 1, H, W) in [0, 1].
         masks: (N, 2, H, W) in {0, 1}.
         config: augmentation strengths.
-        generator: a CPU generator.
+        generators: a CPU generator, or N of them, one per image.
 
     Returns:
         The augmented (images, masks), same shapes.
     """
     n = images.shape[0]
-    draws = torch.rand(n, 5, generator=generator).to(images.device)
+    if isinstance(generators, torch.Generator):
+        draws = torch.rand(n, 5, generator=generators).to(images.device)
+    else:
+        draws = torch.stack([torch.rand(5, generator=generator) for generator in generators]).to(images.device)
     flip = draws[:, 0] < config.aug_vflip_prob
     angle = (draws[:, 1] * 2 - 1) * math.radians(config.aug_rotate_deg)
     zoom = 1 + (draws[:, 2] * 2 - 1) * config.aug_scale
@@ -181,10 +208,18 @@ def _lr_factor(epoch: int, config: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
 
 
-def config_hash(config: TrainConfig, dataset_digest: str) -> str:
-    """Hash the fields that define a training (and the data), to recognise a resumable checkpoint."""
+def config_hash(config: TrainConfig, dataset_digest: str, world_size: int = 1) -> str:
+    """Hash the fields that define a training (and the data), to recognise a resumable checkpoint.
+
+    The number of ranks is part of it when there are several: N ranks at batch b train at a global
+    batch of N x b, another training than the same config on another number of GPUs. One process
+    hashes as it did before there were ranks, so its checkpoints (and run names) stay valid.
+    """
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
-    text = json.dumps({"config": fields, "dataset": dataset_digest}, sort_keys=True)
+    hashed = {"config": fields, "dataset": dataset_digest}
+    if world_size > 1:
+        hashed["world_size"] = world_size
+    text = json.dumps(hashed, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -220,6 +255,82 @@ def sampling_weights(rows: pd.DataFrame, mass_image_share: float) -> np.ndarray 
         return None
     weights = np.where(has_mass, mass_image_share / has_mass.sum(), (1 - mass_image_share) / (~has_mass).sum())
     return weights / weights.sum()
+
+
+class EpochDraws(Sampler[tuple[int, int]]):
+    """One epoch's training draws, this rank's share: (image index, position in the epoch's draws).
+
+    The sampler of several ranks; one process keeps its DataLoader's own (_Trainer._loader), so its
+    random stream is the one it always had. Every rank computes the same global sequence from the
+    epoch's seed: with `weights`, `len(rows)` draws with replacement (WeightedRandomSampler's draw,
+    the one process's), else a seeded permutation (not the one process's: its DataLoader draws the
+    workers' base seed from the generator first). Global batches of batch_size x world_size
+    consecutive draws follow one another; rank r takes the r-th contiguous slice of each, so with
+    lesion-aware sampling the ranks train on exactly the batches one process at the global batch
+    size would. With several ranks the sequence is lengthened to a multiple of the world size (more
+    draws with replacement; a permutation repeats its first images, as DistributedSampler does) so
+    every rank takes as many steps; a last global batch of a single image, which BatchNorm cannot
+    normalise, is dropped.
+
+    Args:
+        count: the number of training images.
+        weights: per-image draw probabilities (sampling_weights), or None for a shuffle.
+        seed: the epoch's seed (the same on every rank).
+        batch_size: images per rank and step.
+        ranks: this process's place among the ranks.
+    """
+
+    def __init__(self, count: int, weights: np.ndarray | None, seed: int, batch_size: int,
+                 ranks: distributed.Ranks) -> None:
+        self.count, self.weights, self.seed = count, weights, seed
+        self.batch_size, self.ranks = batch_size, ranks
+        world = ranks.world_size
+        self.drawn = -(-count // world) * world
+        global_batch = batch_size * world
+        # The draws trained on: all, but a last global batch of one image.
+        self.total = self.drawn - 1 if self.drawn % global_batch == 1 and self.drawn > global_batch else self.drawn
+
+    def _sequence(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.weights is not None:
+            # WeightedRandomSampler's own draw, so one process samples as it always did.
+            weights = torch.as_tensor(self.weights, dtype=torch.double)
+            return torch.multinomial(weights, self.drawn, True, generator=generator).tolist()
+        # RandomSampler's own shuffle, repeated from the start where several ranks need more draws.
+        order = torch.randperm(self.count, generator=generator).tolist()
+        return (order * (-(-self.drawn // self.count)))[:self.drawn]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield this rank's (image index, draw position) pairs in training order."""
+        sequence = self._sequence()
+        global_batch = self.batch_size * self.ranks.world_size
+        for start in range(0, self.total, global_batch):
+            share = min(global_batch, self.total - start) // self.ranks.world_size
+            for position in range(start + self.ranks.rank * share, start + (self.ranks.rank + 1) * share):
+                yield sequence[position], position
+
+    def __len__(self) -> int:
+        return self.total // self.ranks.world_size
+
+
+class _Drawn:
+    """A training split addressed by EpochDraws' pairs: items (image, mask, draw position)."""
+
+    def __init__(self, dataset: ExampleDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, draw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+        index, position = draw
+        return (*self.dataset[index], position)
+
+
+def draw_generators(epoch_seed: int, positions: Sequence[int]) -> list[torch.Generator]:
+    """Return one CPU generator per draw, seeded by the epoch and the draw's position in it.
+
+    A draw's patch and augmentation are then the same whatever batch, step or rank it falls in, and
+    a resumed epoch repeats them.
+    """
+    return [torch.Generator().manual_seed((epoch_seed + 1) * 1_000_003 + int(position)) for position in positions]
 
 
 def _moving_average(decay: float):
@@ -279,7 +390,8 @@ def _environment_tags(device: torch.device, config: TrainConfig) -> dict[str, An
 class _Trainer:
     """The training loop's state; one instance per `run`."""
 
-    def __init__(self, config: TrainConfig, dataset_dir: Path, model_out: Path) -> None:
+    def __init__(self, config: TrainConfig, dataset_dir: Path, model_out: Path,
+                 ranks: distributed.Ranks | None = None) -> None:
         self.config = config
         self.dataset_dir = dataset_dir
         self.model_out = model_out
@@ -290,7 +402,8 @@ class _Trainer:
             if rows.empty:
                 raise UserError(f"{dataset_dir / INDEX_FILE}: the {name} split is empty")
         self.splits = splits
-        self.device = select_device(config.device)
+        self.ranks = ranks or distributed.single(config.device)
+        self.device = self.ranks.device
         # bf16 autocast on CPUs with native bf16 units too (AMX: ~1.4x per step at 256 px).
         self.amp = config.amp and (self.device.type == "cuda" or cpu_supports_bf16())
         if not 0 <= config.mass_image_share < 1:
@@ -324,11 +437,15 @@ class _Trainer:
         if config.patch_size and not self.patch_size:
             log.info("train.patch_size %d >= image size %d: training on whole images", config.patch_size, size)
         bottleneck = (self.patch_size or size or 0) // self.network.size_multiple
-        if config.norm == "batch" and config.batch_size == 1 and bottleneck < 2:
+        # Several ranks normalise over the global batch (synchronise_batch_norm below).
+        if config.norm == "batch" and config.batch_size * self.ranks.world_size == 1 and bottleneck < 2:
             raise UserError(f"train.batch_size 1 with norm batch: BatchNorm at the {bottleneck}x{bottleneck} "
                             "bottleneck has one value per channel; use --batch-size 2 or more, or --norm group")
         if config.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
+        # Several ranks: BatchNorm takes the global batch's statistics, so its output, and the EMA of
+        # its running statistics below, are those of one process at the global batch size.
+        self.network = distributed.synchronise_batch_norm(self.network, self.ranks)
         self.parameters = sum(p.numel() for p in self.network.parameters())
         # The network that is validated, selected and saved: the weights' moving average when
         # weight_ema is on (its BatchNorm statistics averaged alike), else the trained network itself.
@@ -349,8 +466,15 @@ class _Trainer:
         self.run_id: str | None = None
         # The contract (input channels, size, normalisation) changes what a checkpoint means even when
         # the index does not: hash it too.
-        self.hash = config_hash(config, f"{self.dataset_digest}:{sha256_of(dataset_dir / CONTRACT_FILE)}")
+        self.hash = config_hash(config, f"{self.dataset_digest}:{sha256_of(dataset_dir / CONTRACT_FILE)}",
+                                self.ranks.world_size)
         self.checkpoint_path = checkpoint_path(config, model_out)
+        # What the training step runs: the network itself, or its DDP replica (which averages the
+        # gradients over the ranks in backward; built after the optimizer, sharing its parameters).
+        self.replica: torch.nn.Module = self.network
+        if self.ranks.distributed:
+            self.replica = DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -383,7 +507,7 @@ class _Trainer:
         self.history, self.run_id = state["history"], state["run_id"]
         _set_rng_state(state["rng"])
         best_beside = self.checkpoint_path.parent / MODEL_FILE
-        if not (self.model_out / MODEL_FILE).is_file() and best_beside.is_file():
+        if self.ranks.is_main and not (self.model_out / MODEL_FILE).is_file() and best_beside.is_file():
             # A new container with an empty model folder (a KFP retry): the best weights so far come
             # from the checkpoint volume.
             shutil.copy2(best_beside, self.model_out / MODEL_FILE)
@@ -410,17 +534,25 @@ class _Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------
     def _loader(self, split: str, shuffle_seed: int | None) -> DataLoader:
-        """Return the split's loader: validation in order; training shuffled or lesion-aware sampled."""
+        """Return the split's loader: validation in order; training shuffled or lesion-aware sampled.
+
+        One process's training batches are (images, masks), from the DataLoader's own samplers;
+        several ranks' are (images, masks, draw positions), this rank's share of the epoch's draws
+        (EpochDraws).
+        """
         rows = self.splits[split]
         dataset = ExampleDataset(self.dataset_dir, rows)
         common = {"batch_size": self.config.batch_size, "num_workers": self.config.num_workers,
                   "pin_memory": self.device.type == "cuda"}
         if shuffle_seed is None:
             return DataLoader(dataset, shuffle=False, drop_last=False, **common)
+        weights = sampling_weights(rows, self.config.mass_image_share)
+        if self.ranks.distributed:
+            draws = EpochDraws(len(rows), weights, shuffle_seed, self.config.batch_size, self.ranks)
+            return DataLoader(_Drawn(dataset), sampler=draws, drop_last=False, **common)
         generator = torch.Generator().manual_seed(shuffle_seed)
         # A last batch of one image gives BatchNorm a single sample at the 1x1-2x2 bottleneck.
         drop_last = len(rows) % self.config.batch_size == 1 and len(rows) > self.config.batch_size
-        weights = sampling_weights(rows, self.config.mass_image_share)
         if weights is None:
             return DataLoader(dataset, shuffle=True, generator=generator, drop_last=drop_last, **common)
         sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(rows), replacement=True,
@@ -428,28 +560,38 @@ class _Trainer:
         return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **common)
 
     def train_epoch(self) -> float:
+        """Train one epoch on this rank's share of the draws; return the mean loss over steps and ranks."""
         config = self.config
         self.network.train()
         epoch_seed = config.seed * 100_003 + self.epoch
+        # One process: one generator for the epoch's patches and augmentations, drawn batch after
+        # batch. Several ranks: one per draw (draw_generators), whichever rank holds it.
         augment_rng = torch.Generator().manual_seed(epoch_seed + 1)
         total, batches = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         loader = self._loader("train", shuffle_seed=epoch_seed)
-        for step, (images, masks) in enumerate(tqdm(loader, desc=f"epoch {self.epoch + 1}/{config.epochs}",
-                                                   unit="batch", leave=False, disable=None)):
+        pool = self.ranks.sum_with_grad if self.ranks.distributed else None
+        for step, (images, masks, *positions) in enumerate(tqdm(
+                loader, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                disable=None if self.ranks.is_main else True)):
+            generators = draw_generators(epoch_seed, positions[0].tolist()) if positions else augment_rng
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             if self.patch_size:
                 images, masks = sample_patches(images, masks, self.patch_size, config.patch_lesion_prob,
-                                               augment_rng)
-            images, masks = augment(images, masks, config, augment_rng)
+                                               generators)
+            images, masks = augment(images, masks, config, generators)
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.amp):
-                logits = self.network(images)
-            loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight, config.bce_pos_weight)
-            self.scaler.scale(loss / config.grad_accum_steps).backward()
-            if (step + 1) % config.grad_accum_steps == 0 or step + 1 == len(loader):
+            stepping = (step + 1) % config.grad_accum_steps == 0 or step + 1 == len(loader)
+            # Accumulating steps keep their gradients local; the stepping one averages them over the ranks.
+            with self._gradient_sync(stepping):
+                with autocast(self.device, self.amp):
+                    logits = self.replica(images)
+                loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight,
+                                         config.bce_pos_weight, pool)
+                self.scaler.scale(loss / config.grad_accum_steps).backward()
+            if stepping:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -458,7 +600,13 @@ class _Trainer:
             total += float(loss.detach())
             batches += 1
         self.scheduler.step()
-        return total / max(batches, 1)
+        return self.ranks.mean(total / max(batches, 1))
+
+    def _gradient_sync(self, stepping: bool):
+        """Return DDP's no_sync() for an accumulating step, else a no-op context."""
+        if self.ranks.distributed and not stepping:
+            return self.replica.no_sync()
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -500,6 +648,11 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
         validation_report: Path | None = None) -> TrainResult:
     """Train LightUNet on the train split, select on val, and record everything in one MLflow run.
 
+    Under torchrun every rank calls this (mammoseg.distributed): rank 0 alone opens the MLflow run,
+    validates, selects and writes model_out and metrics_out, while the others train their share of
+    each global batch and wait for it; every rank resumes from the same checkpoint and returns rank
+    0's result.
+
     Args:
         config: training parameters.
         dataset: the preprocessed dataset (index.parquet, dataset.json, arrays).
@@ -512,16 +665,26 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
     """
     if validation_report is not None and not validation_report.is_dir():
         raise UserError(f"{validation_report}: validation report folder not found")
-    model_out.mkdir(parents=True, exist_ok=True)
-    metrics_out.parent.mkdir(parents=True, exist_ok=True)
+    ranks = distributed.start(config.device)
     # Training works in a staging folder inside model_out and publishes only when it succeeds: a
     # re-run that fails (bad input, unreachable tracking server, a crash) leaves the last good model,
     # its run id and checkpoint where evaluate and export read them.
     work = model_out / STAGING_DIR
-    work.mkdir(exist_ok=True)
-    trainer = _Trainer(config, dataset, work)
-    _adopt_finished_training(trainer, model_out)
+    if ranks.is_main:
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(config, dataset, work, ranks)
+    if ranks.is_main:
+        _adopt_finished_training(trainer, model_out)
+    ranks.barrier()
     resumed = trainer.restore()
+    # Every rank has read the checkpoint (or found none) before rank 0 clears a stale one away.
+    ranks.barrier()
+    if not ranks.is_main:
+        _train_loop(trainer, None)
+        result = ranks.from_main(None)
+        distributed.stop(ranks)
+        return result
     if not resumed:
         _empty_folder(work)
     run_name = f"lightunet-{trainer.contract.get('size', '?')}px-{trainer.hash[:6]}"
@@ -533,7 +696,9 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
         _train_loop(trainer, mlflow_run)
         result = _finalize(trainer, mlflow_run, metrics_out)
     _publish(work, model_out)
-    return dataclasses.replace(result, model_path=model_out / MODEL_FILE)
+    result = ranks.from_main(dataclasses.replace(result, model_path=model_out / MODEL_FILE))
+    distributed.stop(ranks)
+    return result
 
 
 def _adopt_finished_training(trainer: _Trainer, model_out: Path) -> None:
@@ -599,6 +764,8 @@ def _log_run_inputs(mlflow_run: tracking.Run, trainer: _Trainer, config: TrainCo
     params["model.parameters"] = trainer.parameters
     mlflow_run.log_params(params)
     mlflow_run.set_tags({**_environment_tags(trainer.device, config), **tracking.lineage().tags(),
+                         "world_size": trainer.ranks.world_size,
+                         "global_batch_size": config.batch_size * config.grad_accum_steps * trainer.ranks.world_size,
                          "manifest_digest": trainer.contract.get("manifest_sha256"),
                          "dataset_digest": trainer.dataset_digest, "config_hash": trainer.hash,
                          "pipeline_run_id": config.pipeline_run_id or None})
@@ -619,37 +786,49 @@ def _validation_success(report: Path) -> str:
         return "unknown"
 
 
-def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run) -> None:
+def _train_loop(trainer: _Trainer, mlflow_run: tracking.Run | None) -> None:
+    """Train epochs until the last or an early stop; rank 0 (the one holding the run) closes each epoch."""
     config = trainer.config
     while trainer.epoch < config.epochs and trainer.bad_epochs < config.early_stopping_patience:
         lr = trainer.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         train_loss = trainer.train_epoch()
-        epoch = trainer.epoch + 1
-        validating = epoch % config.validate_every == 0 or epoch == config.epochs
-        metrics = {"train_loss": train_loss, **(trainer.validate() if validating else {}), "lr": lr,
-                   "epoch_seconds": time.perf_counter() - started}
-        trainer.history.append({"epoch": epoch, **metrics})
-        mlflow_run.log_metrics(metrics, step=epoch)
-        if validating:
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice mass %.3f calc %.3f", epoch,
-                     config.epochs, train_loss, metrics["val_loss"], metrics["val_dice_mass"],
-                     metrics["val_dice_calcification"])
-            _select(trainer, metrics["val_dice_mean"], mlflow_run)
+        if trainer.ranks.is_main:
+            _close_epoch(trainer, mlflow_run, train_loss, lr, started)
         else:
-            log.info("epoch %d/%d: train loss %.4f", epoch, config.epochs, train_loss)
-        trainer.epoch = epoch
-        if config.overlay_every and trainer.epoch % config.overlay_every == 0:
-            overlay = trainer.model_out / OVERLAYS_DIR / f"epoch_{trainer.epoch:03d}.png"
-            overlay.parent.mkdir(exist_ok=True)
-            trainer.overlays(overlay)
-            mlflow_run.log_artifact(overlay, "overlays")
-        progress = trainer.model_out / PROGRESS_FILE
-        progress_png(trainer.history, progress)
-        mlflow_run.log_artifact(progress, "curves")
-        trainer.save_checkpoint()
-    if trainer.bad_epochs >= config.early_stopping_patience:
+            trainer.epoch += 1
+        # The other ranks wait here while rank 0 validates and writes; stopping early is its decision.
+        trainer.bad_epochs = trainer.ranks.from_main(trainer.bad_epochs)
+    if trainer.ranks.is_main and trainer.bad_epochs >= config.early_stopping_patience:
         log.info("early stop: no better validation Dice for %d epochs", trainer.bad_epochs)
+
+
+def _close_epoch(trainer: _Trainer, mlflow_run: tracking.Run, train_loss: float, lr: float, started: float) -> None:
+    """Validate (every validate_every epochs), select, log, draw the curves and overlays, checkpoint."""
+    config = trainer.config
+    epoch = trainer.epoch + 1
+    validating = epoch % config.validate_every == 0 or epoch == config.epochs
+    metrics = {"train_loss": train_loss, **(trainer.validate() if validating else {}), "lr": lr,
+               "epoch_seconds": time.perf_counter() - started}
+    trainer.history.append({"epoch": epoch, **metrics})
+    mlflow_run.log_metrics(metrics, step=epoch)
+    if validating:
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice mass %.3f calc %.3f", epoch,
+                 config.epochs, train_loss, metrics["val_loss"], metrics["val_dice_mass"],
+                 metrics["val_dice_calcification"])
+        _select(trainer, metrics["val_dice_mean"], mlflow_run)
+    else:
+        log.info("epoch %d/%d: train loss %.4f", epoch, config.epochs, train_loss)
+    trainer.epoch = epoch
+    if config.overlay_every and trainer.epoch % config.overlay_every == 0:
+        overlay = trainer.model_out / OVERLAYS_DIR / f"epoch_{trainer.epoch:03d}.png"
+        overlay.parent.mkdir(exist_ok=True)
+        trainer.overlays(overlay)
+        mlflow_run.log_artifact(overlay, "overlays")
+    progress = trainer.model_out / PROGRESS_FILE
+    progress_png(trainer.history, progress)
+    mlflow_run.log_artifact(progress, "curves")
+    trainer.save_checkpoint()
 
 
 def _select(trainer: _Trainer, val_dice: float, mlflow_run: tracking.Run) -> None:

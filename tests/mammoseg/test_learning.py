@@ -89,9 +89,11 @@ def test_lesion_patches_hold_their_lesion_and_stay_inside():
     masks = torch.zeros(6, 2, 128, 128)
     masks[:, 1, 120, 3] = 1  # one calcification speck near a corner of every image
     images = torch.rand(6, 1, 128, 128)
-    generator = torch.Generator().manual_seed(0)
-    patch_images, patch_masks = train.sample_patches(images, masks, 64, 1.0, generator)
-    assert patch_images.shape == (6, 1, 64, 64) and patch_masks.shape == (6, 2, 64, 64)
-    assert (patch_masks[:, 1].flatten(1).sum(1) == 1).all()  # the speck is in every lesion patch
-    _, uniform = train.sample_patches(images, masks, 64, 0.0, torch.Generator().manual_seed(0))
-    assert uniform[:, 1].sum() < 6  # uniform placement mostly misses it
+    # One generator for the batch (one process), or one per draw (several ranks).
+    for generators in (torch.Generator().manual_seed(0), train.draw_generators(0, range(6))):
+        patch_images, patch_masks = train.sample_patches(images, masks, 64, 1.0, generators)
+        assert patch_images.shape == (6, 1, 64, 64) and patch_masks.shape == (6, 2, 64, 64)
+        assert (patch_masks[:, 1].flatten(1).sum(1) == 1).all()  # the speck is in every lesion patch
+    for generators in (torch.Generator().manual_seed(0), train.draw_generators(0, range(6))):
+        _, uniform = train.sample_patches(images, masks, 64, 0.0, generators)
+        assert uniform[:, 1].sum() < 6  # uniform placement mostly misses it

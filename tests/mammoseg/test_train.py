@@ -228,9 +228,17 @@ def test_augment_is_reproducible_and_keeps_shapes():
     config = stage_config_for("train", **TINY_TRAIN)
     images = torch.rand(2, 1, 32, 32)
     masks = (torch.rand(2, 2, 32, 32) > 0.9).float()
-    a = train.augment(images, masks, config, torch.Generator().manual_seed(5))
-    b = train.augment(images, masks, config, torch.Generator().manual_seed(5))
+    # One process: one generator for the batch, drawn as it always was.
+    one = train.augment(images, masks, config, torch.Generator().manual_seed(5))
+    again = train.augment(images, masks, config, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(one, again, strict=True))
+    # Several ranks: one generator per draw.
+    a = train.augment(images, masks, config, train.draw_generators(5, [0, 1]))
+    b = train.augment(images, masks, config, train.draw_generators(5, [0, 1]))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # Then an image's augmentation depends on its draw, not on the batch it is in (or the rank).
+    alone = train.augment(images[1:], masks[1:], config, train.draw_generators(5, [1]))
+    assert torch.allclose(alone[0], a[0][1:], atol=1e-6) and torch.equal(alone[1], a[1][1:])
     assert a[0].shape == images.shape and a[1].shape == masks.shape
     assert set(np.unique(a[1].numpy())) <= {0.0, 1.0} and a[0].min() >= 0 and a[0].max() <= 1
 
