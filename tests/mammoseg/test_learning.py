@@ -21,7 +21,9 @@ from tests.conftest import stage_config_for
 
 SIZE = 128
 # Best smoothed validation Dice (mean of the two classes) the loop must reach in its few epochs.
-# Measured 0.7-0.8 with the recipe in params.yaml; an untrained network scores ~0.
+# Measured 0.86 (1 thread) and 0.87 (2 threads) with the recipe in params.yaml over LEARN's 16
+# epochs; the optimiser step removed scores 0.01. 12 epochs were too few: the raw Dice only passes
+# 0.9 at epoch 12, so the smoothed best sat at 0.48-0.52 depending on the thread count.
 DICE_FLOOR = 0.5
 
 
@@ -55,8 +57,8 @@ def _write_learnable_dataset(root, images: int = 40, seed: int = 0):
     return root
 
 
-LEARN = {"epochs": 12, "batch_size": 4, "num_workers": 0, "overlay_every": 0, "log_system_metrics": False,
-         "warmup_epochs": 1, "min_epochs": 12, "patch_size": 0, "validate_every": 1}
+LEARN = {"epochs": 16, "batch_size": 4, "num_workers": 0, "overlay_every": 0, "log_system_metrics": False,
+         "warmup_epochs": 1, "min_epochs": 16, "patch_size": 0, "validate_every": 1}
 
 
 @pytest.fixture(scope="module")
