@@ -387,6 +387,13 @@ def _environment_tags(device: torch.device, config: TrainConfig) -> dict[str, An
     return tags
 
 
+def _require(config: TrainConfig, name: str, valid: Callable[[Any], bool], rule: str) -> None:
+    """Raise a one-line UserError naming train.<name> unless valid(its value)."""
+    value = getattr(config, name)
+    if not valid(value):
+        raise UserError(f"train.{name} must {rule}, got {value}")
+
+
 class _Trainer:
     """The training loop's state; one instance per `run`."""
 
@@ -406,14 +413,9 @@ class _Trainer:
         self.device = self.ranks.device
         # bf16 autocast on CPUs with native bf16 units too (AMX: ~1.4x per step at 256 px).
         self.amp = config.amp and (self.device.type == "cuda" or cpu_supports_bf16())
-        if not 0 <= config.mass_image_share < 1:
-            raise UserError(f"train.mass_image_share must be in [0, 1), got {config.mass_image_share}")
-        if not 0 <= config.weight_ema < 1:
-            raise UserError(f"train.weight_ema must be in [0, 1), got {config.weight_ema}")
-        if config.validate_every < 1:
-            raise UserError(f"train.validate_every must be at least 1, got {config.validate_every}")
-        if not 0 <= config.selection_ema < 1:
-            raise UserError(f"train.selection_ema must be in [0, 1), got {config.selection_ema}")
+        for name in ("mass_image_share", "weight_ema", "selection_ema"):
+            _require(config, name, lambda v: 0 <= v < 1, "be in [0, 1)")
+        _require(config, "validate_every", lambda v: v >= 1, "be at least 1")
         _seed_everything(config.seed, config.deterministic)
         # The contract says how many planes an input has (block mean, and block maximum when on).
         self.in_channels = 2 if self.contract.get("max_channel") else 1

@@ -166,8 +166,17 @@ def test_validation_every_few_epochs_and_after_the_last(prepared_data, tracking_
     history = pd.read_csv(tmp_path / "model" / train.HISTORY_FILE)
     assert history["val_loss"].isna().tolist() == [True, False, False]
     assert result.best_epoch in (2, 3)
-    with pytest.raises(UserError, match="validate_every must be at least 1"):
-        train._Trainer(stage_config_for("train", **{**TINY_TRAIN, "validate_every": 0}), prepared_data.dataset,
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("validate_every", 0, r"train\.validate_every must be at least 1, got 0"),
+    ("mass_image_share", 1.0, r"train\.mass_image_share must be in \[0, 1\), got 1\.0"),
+    ("weight_ema", -0.1, r"train\.weight_ema must be in \[0, 1\), got -0\.1"),
+    ("selection_ema", 1.5, r"train\.selection_ema must be in \[0, 1\), got 1\.5"),
+])
+def test_an_out_of_range_setting_is_one_line_naming_it(prepared_data, tmp_path, name, value, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        train._Trainer(stage_config_for("train", **{**TINY_TRAIN, name: value}), prepared_data.dataset,
                        tmp_path / "other")
 
 

@@ -121,6 +121,34 @@ def test_the_gate_refuses_a_variant_whose_masks_differ_and_keeps_one_whose_do_no
         choose(out, report, "openvino")
 
 
+def test_the_logit_shift_probe_measures_how_far_the_fp32_masks_move(exported, prepared_data):
+    # export reports, beside the gate, how far the fp32 model's own masks move when every logit shifts
+    # by +-gate_probe_logit_shift: the probe is fp32's logits moved by exactly that, run once per batch.
+    report = _report(exported)
+    probe = report["logit_shift_probe"]
+    assert probe["logit_shift"] == 0.01
+    assert probe["within_tolerance"] == (probe["max_native_dice_diff"] <= 0.01)
+    session = open_session(exported, threads=1)
+    rows = _test_rows(prepared_data.dataset)
+    images = np.stack([image for image, _ in load_examples(prepared_data.dataset, rows.head(2))])
+    logits = export._ShiftedLogits(session)
+    np.testing.assert_array_equal(logits.shifted(0.0)(images), session.probabilities(images))
+    logit = np.log(session.probabilities(images)) - np.log1p(-session.probabilities(images))
+    np.testing.assert_allclose(logits.shifted(0.5)(images), 1 / (1 + np.exp(-(logit + 0.5))), atol=1e-5)
+    # On evaluate's native scores: a shift of 0 moves nothing; a large one marks every pixel (the
+    # 2-epoch model finds nothing, so its Dice cannot move: the predicted areas show the shift).
+    threshold = np.asarray(read_io_spec(exported)["threshold"], np.float32)
+    scores = score_native_many(prepared_data.dataset, rows, {
+        "fp32": session.probabilities, "zero": logits.shifted(0.0), "large": logits.shifted(20.0)},
+        threshold, batch_size=1)
+    assert export.max_native_dice_diff(scores["zero"], scores["fp32"]) == 0.0
+    for target in ("mass", "calcification"):
+        fp32_area = [c.pred_sum for c in scores["fp32"].counts[target]]
+        assert [c.pred_sum for c in scores["zero"].counts[target]] == fp32_area
+        assert all(shifted.pred_sum > area for shifted, area in
+                   zip(scores["large"].counts[target], fp32_area, strict=True))
+
+
 def _copy_export(exported: Path, folder: Path) -> Path:
     folder.mkdir(parents=True)
     for path in exported.parent.iterdir():
