@@ -151,7 +151,7 @@ class ExportConfig:
     parity_logit_atol: float
     parity_dice_tolerance: float
     variant_dice_tolerance: float
-    gate_probe_logit_shift: float
+    gate_probe_logit_shifts: list[float]
     parity_images: int
     int8: bool
     fp16: bool

@@ -123,11 +123,16 @@ def test_the_gate_refuses_a_variant_whose_masks_differ_and_keeps_one_whose_do_no
 
 def test_the_logit_shift_probe_measures_how_far_the_fp32_masks_move(exported, prepared_data):
     # export reports, beside the gate, how far the fp32 model's own masks move when every logit shifts
-    # by +-gate_probe_logit_shift: the probe is fp32's logits moved by exactly that, run once per batch.
-    report = _report(exported)
-    probe = report["logit_shift_probe"]
-    assert probe["logit_shift"] == 0.01
-    assert probe["within_tolerance"] == (probe["max_native_dice_diff"] <= 0.01)
+    # by +-each of gate_probe_logit_shifts: the probe is fp32's logits moved by exactly that.
+    probe = _report(exported)["logit_shift_probe"]
+    moved = probe["max_native_dice_diff"]
+    assert list(moved) == ["0.01", "0.03", "0.1", "0.3"]
+    expected = None
+    for shift, diff in moved.items():
+        if diff > 0.01:
+            break
+        expected = float(shift)
+    assert probe["largest_within_tolerance"] == expected
     session = open_session(exported, threads=1)
     rows = _test_rows(prepared_data.dataset)
     images = np.stack([image for image, _ in load_examples(prepared_data.dataset, rows.head(2))])
