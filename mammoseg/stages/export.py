@@ -258,8 +258,9 @@ class _ShiftedLogits:
     add up over the network's 82 convolutions). How far the fp32 model's own masks move when all its
     logits shift by a constant says how much error its decisions tolerate: where a shift of a few
     hundredths already moves them beyond the gate's tolerance, the decisions sit on flat logits and
-    the cure is a model with sharper outputs, not another engine. All probes share this object:
-    score_native_many hands every model the same batch, so the fp32 logits are computed once per batch.
+    the cure is a model with sharper outputs, not another engine. fp32 (shift 0) and all probes share
+    this object: score_native_many hands every model the same batch, so the fp32 logits are computed
+    once per batch.
     """
 
     def __init__(self, fp32_session) -> None:
@@ -328,25 +329,31 @@ def _variants(config: ExportConfig, onnx_out: Path, fp32_session, threshold: Seq
     if not sessions:
         return
     shifts = sorted({abs(shift) for shift in config.gate_probe_logit_shifts} - {0.0})
+    # fp32 itself is the unshifted probe (bit-equal to fp32_session.probabilities), so its logits are
+    # computed once per batch for it and every probe.
     logits = _ShiftedLogits(fp32_session)
-    probes = {f"fp32 logits {delta:+g}": logits.shifted(delta) for shift in shifts for delta in (shift, -shift)}
+    probes = {shift: {f"fp32 logits {delta:+g}": logits.shifted(delta) for delta in (shift, -shift)}
+              for shift in shifts}
     # Batches of one: an OpenVINO session compiles once per input shape.
-    scores = score_native_many(dataset, test_rows, {"fp32": fp32_session.probabilities, **probes,
+    scores = score_native_many(dataset, test_rows, {"fp32": logits.shifted(0.0),
+                                                    **{name: f for pair in probes.values() for name, f in pair.items()},
                                                     **{name: s.probabilities for name, s in sessions.items()}},
                                np.asarray(threshold, np.float32), batch_size=1, desc="gate variants")
     if probes:
         tolerance = config.variant_dice_tolerance
-        moved = {f"{shift:g}": max(max_native_dice_diff(scores[f"fp32 logits {delta:+g}"], scores["fp32"])
-                                   for delta in (shift, -shift)) for shift in shifts}
+        moved = {shift: max(max_native_dice_diff(scores[name], scores["fp32"]) for name in pair)
+                 for shift, pair in probes.items()}
         # The largest shift up to which every probed shift keeps the masks within the tolerance.
         tolerated = None
-        for shift in shifts:
-            if moved[f"{shift:g}"] > tolerance:
+        for shift, diff in moved.items():
+            if diff > tolerance:
                 break
             tolerated = shift
-        report["logit_shift_probe"] = {"max_native_dice_diff": moved, "largest_within_tolerance": tolerated}
+        report["logit_shift_probe"] = {"max_native_dice_diff": {f"{shift:g}": diff for shift, diff in moved.items()},
+                                       "largest_within_tolerance": tolerated}
         log.info("fp32 masks under a logit shift of +-%s: max per-image native Dice diff %s (gate %g)",
-                 "/".join(moved), "/".join(f"{diff:.4f}" for diff in moved.values()), tolerance)
+                 "/".join(f"{shift:g}" for shift in moved), "/".join(f"{diff:.4f}" for diff in moved.values()),
+                 tolerance)
     for variant in runnable:
         session = sessions[variant.name]
         diff = max_native_dice_diff(scores[variant.name], scores["fp32"])
