@@ -101,6 +101,7 @@ class TrainConfig:
     mass_image_share: float
     patch_size: int
     patch_lesion_prob: float
+    deep_supervision: int
     weight_ema: float
     validate_every: int
     selection_ema: float

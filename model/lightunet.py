@@ -306,6 +306,30 @@ class LightUNet(nn.Module):
             )
         return stage(*inputs)
 
+    def decoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoder and decoder on x and return every decoder stage's output.
+
+        Args:
+            x: images, (N, in_channels, H, W), H and W multiples of 2**depth.
+
+        Returns:
+            depth tensors, coarsest first: element i is (N, c_{depth-1-i}, H/2**(depth-1-i),
+            W/2**(depth-1-i)); the last, (N, c0, H, W), is what the head reads.
+
+        Raises:
+            ValueError: x is not 4-D or its height or width is not a multiple of 2**depth.
+        """
+        self.check_input(x)
+        skips = [self._stage(self.stem, x)]  # (N, c0, H, W)
+        for down in self.downs:  # level i: (N, c_i, H/2**i, W/2**i)
+            skips.append(self._stage(down, skips[-1]))
+        h = skips.pop()  # the bottom: (N, c_depth, H/2**depth, W/2**depth)
+        features = []
+        for up in self.ups:  # back up, one level at a time, merging the skip of that level
+            h = self._stage(up, h, skips.pop())
+            features.append(h)
+        return features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment x.
 
@@ -318,14 +342,45 @@ class LightUNet(nn.Module):
         Raises:
             ValueError: x is not 4-D or its height or width is not a multiple of 2**depth.
         """
-        self.check_input(x)
-        skips = [self._stage(self.stem, x)]  # (N, c0, H, W)
-        for down in self.downs:  # level i: (N, c_i, H/2**i, W/2**i)
-            skips.append(self._stage(down, skips[-1]))
-        h = skips.pop()  # the bottom: (N, c_depth, H/2**depth, W/2**depth)
-        for up in self.ups:  # back up, one level at a time, merging the skip of that level
-            h = self._stage(up, h, skips.pop())
-        return self.head(h)  # (N, out_channels, H, W)
+        return self.head(self.decoder_features(x)[-1])  # (N, out_channels, H, W)
+
+
+class DeepSupervision(nn.Module):
+    """A LightUNet with 1x1 auxiliary heads on its coarser decoder stages, for training only.
+
+    nnU-Net's deep supervision: each of the `levels` decoder stages below full resolution gets its own
+    logits, compared with the masks at that scale, so the deep decoder, which sees a whole mass, gets
+    a gradient of its own instead of one passed back through every finer stage. The wrapped network is
+    unchanged and is what is saved and exported; the auxiliary heads are thrown away after training.
+
+    Shapes: (N, in_channels, H, W) -> in training, levels + 1 logits, finest first: element k is
+    (N, out_channels, H/2**k, W/2**k); in eval mode the network's own (N, out_channels, H, W) logits.
+
+    Args:
+        network: the LightUNet to train.
+        levels: auxiliary heads, on the stages at 1/2, 1/4, ... 1/2**levels of the input; at most depth - 1.
+
+    Raises:
+        ValueError: levels is out of range.
+    """
+
+    def __init__(self, network: LightUNet, levels: int):
+        super().__init__()
+        if not 1 <= levels < network.depth:
+            raise ValueError(f"deep supervision levels must be in [1, {network.depth - 1}], got {levels}")
+        self.network = network
+        self.levels = levels
+        # Decoder stage at 1/2**k of the input has network.channels[k] channels.
+        self.aux_heads = nn.ModuleList(nn.Conv2d(network.channels[k], network.out_channels, 1)
+                                       for k in range(1, levels + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Return the logits at every supervised scale (training) or the network's logits (eval)."""
+        if not self.training:
+            return self.network(x)
+        features = self.network.decoder_features(x)[::-1]  # finest first: features[k] is at 1/2**k
+        return [self.network.head(features[0])] + [head(features[k])
+                                                   for k, head in enumerate(self.aux_heads, start=1)]
 
 
 class PaperVariant(NamedTuple):

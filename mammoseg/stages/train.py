@@ -54,7 +54,7 @@ from mammoseg.inference import (
 from mammoseg.metrics import choose_threshold, dice_counts, nan_to_zero, pooled_dice
 from mammoseg.overlays import figure_grid, figure_panel, save_png
 from mammoseg.plots import progress_png
-from model import LightUNet
+from model import DeepSupervision, LightUNet
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,35 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     pos_weight = torch.tensor(bce_pos_weight, dtype=logits.dtype, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
     return dice_weight * (1 - soft_dice.mean()) + bce_weight * bce
+
+
+def deep_supervision_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                          dice_weight: float, bce_weight: float, bce_pos_weight: float = 1.0,
+                          pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """segmentation_loss at every supervised scale, weighted 1, 1/2, 1/4, ... and normalised (nnU-Net).
+
+    Args:
+        logits: (N, C, H, W), or a sequence of them finest first, element k at (H/2**k, W/2**k)
+            (DeepSupervision's training output).
+        target: (N, C, H, W) masks in {0, 1}; max-pooled to each coarser scale, so a calcification of
+            a few pixels stays a lesion pixel there instead of vanishing as under nearest resampling.
+        dice_weight: weight of the soft-Dice term, as segmentation_loss.
+        bce_weight: weight of the cross-entropy term, as segmentation_loss.
+        bce_pos_weight: weight of lesion pixels in the cross-entropy, as segmentation_loss.
+        pool: sums the Dice's sums over the ranks at every scale, as segmentation_loss.
+
+    Returns:
+        A scalar loss; segmentation_loss itself for a single tensor.
+    """
+    if isinstance(logits, torch.Tensor):
+        return segmentation_loss(logits, target, dice_weight, bce_weight, bce_pos_weight, pool)
+    weights = [0.5**k for k in range(len(logits))]
+    total = 0.0
+    for k, (scale_logits, weight) in enumerate(zip(logits, weights, strict=True)):
+        scale_target = F.max_pool2d(target, 2**k) if k else target
+        total = total + weight * segmentation_loss(scale_logits, scale_target, dice_weight, bce_weight,
+                                                   bce_pos_weight, pool)
+    return total / sum(weights)
 
 
 def sample_patches(images: torch.Tensor, masks: torch.Tensor, size: int, lesion_prob: float,
@@ -448,6 +477,16 @@ class _Trainer:
         # Several ranks: BatchNorm takes the global batch's statistics, so its output, and the EMA of
         # its running statistics below, are those of one process at the global batch size.
         self.network = distributed.synchronise_batch_norm(self.network, self.ranks)
+        # What the optimizer trains: the network, or the network inside deep supervision's auxiliary
+        # heads (training only: the network alone is validated, averaged, saved and exported).
+        _require(config, "deep_supervision", lambda v: 0 <= v < config.depth, f"be in [0, {config.depth - 1}]")
+        self.trained: torch.nn.Module = self.network
+        if config.deep_supervision:
+            self.trained = DeepSupervision(self.network, config.deep_supervision).to(self.device)
+            for head in self.trained.aux_heads:
+                torch.nn.init.constant_(head.bias, prior_logit)
+            if config.channels_last:
+                self.trained = self.trained.to(memory_format=torch.channels_last)
         self.parameters = sum(p.numel() for p in self.network.parameters())
         # The network that is validated, selected and saved: the weights' moving average when
         # weight_ema is on (its BatchNorm statistics averaged alike), else the trained network itself.
@@ -455,7 +494,7 @@ class _Trainer:
         if config.weight_ema:
             self.averaged = torch.optim.swa_utils.AveragedModel(
                 self.network, multi_avg_fn=_moving_average(config.weight_ema), use_buffers=True)
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
+        self.optimizer = torch.optim.AdamW(self.trained.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: _lr_factor(e, config))
         use_scaler = self.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -473,10 +512,10 @@ class _Trainer:
         self.checkpoint_path = checkpoint_path(config, model_out)
         # What the training step runs: the network itself, or its DDP replica (which averages the
         # gradients over the ranks in backward; built after the optimizer, sharing its parameters).
-        self.replica: torch.nn.Module = self.network
+        self.replica: torch.nn.Module = self.trained
         if self.ranks.distributed:
             self.replica = DistributedDataParallel(
-                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -498,7 +537,7 @@ class _Trainer:
                                 f"({state.get('config_hash')} != {self.hash}); cannot --resume")
             log.warning("%s belongs to another config or dataset: starting afresh", path)
             return False
-        self.network.load_state_dict(state["model"])
+        self.trained.load_state_dict(state["model"])
         if self.averaged is not None:
             self.averaged.load_state_dict(state["averaged"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -524,7 +563,7 @@ class _Trainer:
             write_atomically(self.checkpoint_path.parent / MODEL_FILE, lambda tmp: shutil.copy2(best, tmp))
 
     def save_checkpoint(self) -> None:
-        state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": self.trained.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
                  "history": self.history, "run_id": self.run_id, "rng": _rng_state(),
@@ -564,7 +603,7 @@ class _Trainer:
     def train_epoch(self) -> float:
         """Train one epoch on this rank's share of the draws; return the mean loss over steps and ranks."""
         config = self.config
-        self.network.train()
+        self.trained.train()
         epoch_seed = config.seed * 100_003 + self.epoch
         # One process: one generator for the epoch's patches and augmentations, drawn batch after
         # batch. Several ranks: one per draw (draw_generators), whichever rank holds it.
@@ -590,8 +629,8 @@ class _Trainer:
             with self._gradient_sync(stepping):
                 with autocast(self.device, self.amp):
                     logits = self.replica(images)
-                loss = segmentation_loss(logits, masks, config.dice_weight, config.bce_weight,
-                                         config.bce_pos_weight, pool)
+                loss = deep_supervision_loss(logits, masks, config.dice_weight, config.bce_weight,
+                                             config.bce_pos_weight, pool)
                 self.scaler.scale(loss / config.grad_accum_steps).backward()
             if stepping:
                 self.scaler.step(self.optimizer)

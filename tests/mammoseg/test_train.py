@@ -19,6 +19,7 @@ import torch
 
 from mammoseg import tracking
 from mammoseg.errors import UserError
+from mammoseg.inference import load_model
 from mammoseg.stages import train
 from tests.conftest import REPO_ROOT, TINY_TRAIN, stage_config_for, tree_digest
 
@@ -173,6 +174,7 @@ def test_validation_every_few_epochs_and_after_the_last(prepared_data, tracking_
     ("mass_image_share", 1.0, r"train\.mass_image_share must be in \[0, 1\), got 1\.0"),
     ("weight_ema", -0.1, r"train\.weight_ema must be in \[0, 1\), got -0\.1"),
     ("selection_ema", 1.5, r"train\.selection_ema must be in \[0, 1\), got 1\.5"),
+    ("deep_supervision", 7, r"train\.deep_supervision must be in \[0, 6\], got 7"),
 ])
 def test_an_out_of_range_setting_is_one_line_naming_it(prepared_data, tmp_path, name, value, message):
     with pytest.raises(UserError, match=f"^{message}$"):
@@ -186,7 +188,8 @@ def test_the_saved_model_is_the_moving_average_of_the_weights(prepared_data, tra
     train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json")
     saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["state_dict"]
     checkpoint = torch.load(tmp_path / "model" / train.CHECKPOINT_FILE, weights_only=False)
-    trained = checkpoint["model"]  # the optimiser's weights after the last step
+    # The optimiser's weights after the last step (inside DeepSupervision's wrapper when it is on).
+    trained = {k.removeprefix("network."): v for k, v in checkpoint["model"].items()}
     key = "head.weight"
     if weight_ema:
         averaged = {k.removeprefix("module."): v for k, v in checkpoint["averaged"].items()}
@@ -231,6 +234,38 @@ def test_segmentation_loss_prefers_the_truth():
     bad = -good
     assert train.segmentation_loss(good, target, 1.0, 1.0) < 0.01
     assert train.segmentation_loss(bad, target, 1.0, 1.0) > 1.0
+
+
+def test_deep_supervision_loss_scores_each_scale_against_max_pooled_masks():
+    target = torch.zeros(1, 2, 8, 8)
+    target[0, 0, 2:6, 2:6] = 1
+    target[0, 1, 5, 1] = 1  # a one-pixel calcification
+    good = (target * 2 - 1) * 10
+    # A single tensor is segmentation_loss itself.
+    assert torch.equal(train.deep_supervision_loss(good, target, 1.0, 1.0, 10.0),
+                       train.segmentation_loss(good, target, 1.0, 1.0, 10.0))
+    coarse_truth = torch.nn.functional.max_pool2d(target, 2)
+    assert coarse_truth[0, 1].sum() == 1  # the speck survives at half resolution
+    right = [good, (coarse_truth * 2 - 1) * 10]
+    wrong = [good, -right[1]]
+    assert train.deep_supervision_loss(right, target, 1.0, 1.0) < 0.01
+    # A wrong coarse output costs a third (weight 1/2 of 1 + 1/2) of its own loss.
+    expected = train.segmentation_loss(wrong[1], coarse_truth, 1.0, 1.0) / 3
+    torch.testing.assert_close(train.deep_supervision_loss(wrong, target, 1.0, 1.0),
+                               train.segmentation_loss(good, target, 1.0, 1.0) * 2 / 3 + expected)
+
+
+def test_deep_supervision_trains_the_auxiliary_heads_and_saves_the_plain_network(prepared_data, tracking_env,
+                                                                                 tmp_path):
+    config = stage_config_for("train", **{**TINY_TRAIN, "epochs": 1, "overlay_every": 0, "deep_supervision": 2})
+    train.run(config, prepared_data.dataset, tmp_path / "model", tmp_path / "train.json")
+    checkpoint = torch.load(tmp_path / "model" / train.CHECKPOINT_FILE, weights_only=False)
+    aux = {k: v for k, v in checkpoint["model"].items() if k.startswith("aux_heads.")}
+    assert sorted(aux) == ["aux_heads.0.bias", "aux_heads.0.weight", "aux_heads.1.bias", "aux_heads.1.weight"]
+    prior = torch.logit(torch.tensor(config.foreground_prior))
+    assert not torch.allclose(aux["aux_heads.0.bias"], prior.expand(2))  # the optimiser moved them
+    model = load_model(tmp_path / "model")  # strict load into a plain LightUNet
+    assert not any("aux" in k for k in model.network.state_dict())
 
 
 def test_augment_is_reproducible_and_keeps_shapes():

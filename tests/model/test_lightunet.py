@@ -1,11 +1,11 @@
-"""LightUNet: the paper's parameter counts, shapes, the size rule, gradients, checkpointing."""
+"""LightUNet: the paper's parameter counts, shapes, the size rule, gradients, checkpointing, deep supervision."""
 
 import copy
 
 import pytest
 import torch
 
-from model import PAPER_VARIANTS, LightUNet, build_variant, count_parameters
+from model import PAPER_VARIANTS, DeepSupervision, LightUNet, build_variant, count_parameters
 
 # Exact counts of our design (see model/lightunet.py's docstring); a change here is a change of network.
 EXPECTED_PARAMS = {
@@ -139,3 +139,27 @@ def test_checkpointing_is_off_in_eval_and_without_grad(monkeypatch):
     with torch.no_grad():
         net.train()(x)
     net.eval()(x).sum().backward()
+
+
+def test_deep_supervision_adds_logits_per_scale_and_leaves_the_network_unchanged(seeded):
+    net = LightUNet(depth=4, filters=4, in_channels=2)
+    plain_keys = set(net.state_dict())
+    supervised = DeepSupervision(net, levels=2).train()
+    x = torch.randn(2, 2, 64, 64)
+    outputs = supervised(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 2, 64, 64), (2, 2, 32, 32), (2, 2, 16, 16)]
+    # The finest output is the network's own head on its own decoder.
+    torch.testing.assert_close(outputs[0], net.train()(x))
+    sum(o.square().mean() for o in outputs).backward()
+    for name, parameter in supervised.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # What is saved and exported: the network alone, its keys untouched; eval gives its logits.
+    assert set(net.state_dict()) == plain_keys
+    supervised.eval()
+    torch.testing.assert_close(supervised(x), net(x))
+
+
+@pytest.mark.parametrize("levels", [0, 4])
+def test_deep_supervision_levels_must_lie_inside_the_decoder(levels):
+    with pytest.raises(ValueError, match=r"deep supervision levels must be in \[1, 3\]"):
+        DeepSupervision(LightUNet(depth=4, filters=4), levels)
