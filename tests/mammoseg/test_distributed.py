@@ -101,9 +101,10 @@ def test_two_ranks_at_batch_b_take_the_step_of_one_process_at_2b_and_log_one_run
     ddp = torch.load(tmp_path / "ddp" / train.CHECKPOINT_FILE, weights_only=False)
     assert single["epoch"] == ddp["epoch"] == 1
     assert single["config_hash"] != ddp["config_hash"]  # another world size is another training
-    # The weights the step started from: the seeded initialisation every run and rank makes.
+    # The weights the step started from: the seeded initialisation every run and rank makes (with
+    # deep supervision's auxiliary heads when it is on: what the optimizer steps and the checkpoint holds).
     start = train._Trainer(stage_config_for("train", batch_size=RANK_BATCH * WORLD_SIZE, norm="group"), dataset,
-                           tmp_path / "unused").network
+                           tmp_path / "unused").trained
     names = [name for name, _ in start.named_parameters()]
     for index, name in enumerate(names):
         states = single["optimizer"]["state"][index], ddp["optimizer"]["state"][index]
