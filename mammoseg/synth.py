@@ -15,14 +15,12 @@ A hidden `.mammoseg-synth` file marks the folder as generated, so a later run ma
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -41,12 +39,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from tqdm import tqdm
 
 from mammoseg import __version__
 from mammoseg.config import SynthConfig
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder
+from mammoseg.parallel import run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -1236,7 +1234,7 @@ def synthesize(out_dir: Path, cases: int, seed: int, scale: float, workers: int 
         workers = min(workers, len(tasks))
         log.info("synth: %d patients, %d images at scale %g, %d worker(s) -> %s",
                  cases, len(tasks), scale, workers, out_dir)
-        images = _render_all(tasks, workers)
+        images = list(run_jobs(_write_image, tasks, workers, "synth", initializer=_worker_init))
         write_inbreast_csv(work_dir / CSV_NAME, images)
         marker = {"generator": "mammoseg synth", "version": __version__, "cases": cases, "seed": seed,
                   "scale": scale}
@@ -1266,33 +1264,6 @@ def _worker_init() -> None:
         libc.mallopt(m_top_pad, 64 << 20)
     except (OSError, AttributeError):
         pass
-
-
-def _render_all(tasks: list[_ImageTask], workers: int) -> list[SynthImage]:
-    """Render the tasks, in this process or a spawn pool; return results in task order."""
-    results: dict[int, SynthImage] = {}
-    with tqdm(total=len(tasks), desc="synth", unit="image", disable=None) as bar:
-        if workers <= 1:
-            for task in tasks:
-                results[task.index] = _write_image(task)
-                bar.update()
-        else:
-            # spawn, not fork: the parent may hold thread pools (torch, BLAS) that a fork would copy
-            # in a locked state; every image depends only on its task, so the order cannot matter.
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                        initializer=_worker_init) as pool:
-                futures = {pool.submit(_write_image, task): task.index for task in tasks}
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        results[futures[future]] = future.result()
-                        bar.update()
-                except BaseException:
-                    # Stop at the first failure instead of rendering every remaining image.
-                    for future in futures:
-                        future.cancel()
-                    raise
-    return [results[task.index] for task in tasks]
 
 
 def run(config: SynthConfig, out: Path) -> SynthResult:

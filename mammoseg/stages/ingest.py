@@ -17,8 +17,6 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,7 +25,6 @@ import pandas as pd
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
-from tqdm import tqdm
 
 from mammoseg.config import IngestConfig
 from mammoseg.data import CLASSES, mask_path
@@ -45,6 +42,7 @@ from mammoseg.inbreast import (
     read_rois,
     read_table,
 )
+from mammoseg.parallel import run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -277,21 +275,6 @@ def _pick_among_duplicates(image_id: str, files: list[tuple[Path, DicomName]], r
                   for path, _ in files]
 
 
-def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[_Job, _Outcome]]:
-    """Run the per-image work in a process pool (or inline for one worker), with a progress bar."""
-    progress = tqdm(total=len(jobs), desc="ingest", unit="image", disable=None)
-    if workers <= 1:
-        for job in jobs:
-            yield job, _ingest_one(job)
-            progress.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for job, outcome in zip(jobs, pool.map(_ingest_one, jobs, chunksize=1), strict=True):
-                yield job, outcome
-                progress.update()
-    progress.close()
-
-
 def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Path) -> IngestResult:
     """Read an INbreast folder into a manifest and full-resolution masks.
 
@@ -319,7 +302,7 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
         jobs, rejected = _plan(inbreast, config, staging)
         workers = config.workers or os.cpu_count() or 1
         manifest_rows, unknown_names = [], set()
-        for job, (row, reason, unknown) in _run_jobs(jobs, min(workers, max(len(jobs), 1))):
+        for job, (row, reason, unknown) in zip(jobs, run_jobs(_ingest_one, jobs, workers, "ingest"), strict=True):
             unknown_names |= unknown
             if reason:
                 rejected.append({"file": str(job.dicom_path), "image_id": job.name.image_id,

@@ -29,15 +29,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from mammoseg.config import PreprocessConfig
 from mammoseg.data import (
@@ -55,6 +53,7 @@ from mammoseg.data import (
 from mammoseg.dicom import read_image
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder, write_atomically
+from mammoseg.parallel import run_jobs
 from mammoseg.preprocessing import MASK_RULES, PreprocessParams, Transform, preprocess, quantize
 from mammoseg.stages.ingest import dicom_file
 
@@ -286,28 +285,6 @@ def _preprocess_one(job: _Job) -> dict[str, Any]:
             "restored_components": out.restored_components}
 
 
-def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
-    """Run the per-image work in a process pool (inline for one worker), with a progress bar.
-
-    The first error cancels the images not yet started and is raised.
-    """
-    with tqdm(total=len(jobs), desc="preprocess", unit="image", disable=None) as progress:
-        if workers <= 1:
-            for job in jobs:
-                yield _preprocess_one(job)
-                progress.update()
-            return
-        pool = ProcessPoolExecutor(max_workers=workers)
-        try:
-            for row in pool.map(_preprocess_one, jobs, chunksize=1):
-                yield row
-                progress.update()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-
-
 def _contract(params: PreprocessParams, config: PreprocessConfig, manifest: Path, index: pd.DataFrame,
               patients: dict[str, str]) -> dict[str, Any]:
     """Return dataset.json: the preprocessing contract (flat keys, as train logs them) and split summary."""
@@ -407,7 +384,7 @@ def run(config: PreprocessConfig, inbreast: Path, manifest: Path, masks: Path, d
                      tuple(int(getattr(row, MANIFEST_PX[c])) for c in CLASSES), params, staging)
                 for row in frame.sort_values("image_id").itertuples(index=False)]
         workers = config.workers or os.cpu_count() or 1
-        by_id = {row["image_id"]: row for row in _run_jobs(jobs, min(workers, len(jobs)))}
+        by_id = {row["image_id"]: row for row in run_jobs(_preprocess_one, jobs, workers, "preprocess")}
         meta = frame.set_index("image_id")
         records = []
         for image_id, row in sorted(by_id.items()):

@@ -33,8 +33,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,6 @@ import pandas as pd
 import pydicom
 import pydicom.datadict
 from pydicom.errors import InvalidDicomError
-from tqdm import tqdm
 
 from mammoseg.config import ValidateConfig
 from mammoseg.data_docs import make_offline
@@ -57,6 +55,7 @@ from mammoseg.dicom import (
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder, sha256_of, staging_folder
 from mammoseg.inbreast import BIRADS_VALUES, VIEWS, XML_DIR, read_rois
+from mammoseg.parallel import run_jobs
 from mammoseg.stages.ingest import MANIFEST_COLUMNS, dicom_file, rejected_list_path
 
 log = logging.getLogger(__name__)
@@ -366,23 +365,6 @@ def _dicom_facts(path: Path, privacy_allowed: Sequence[str], facts: dict[str, An
         facts["pixel_ceiling"] = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
     except Exception as exc:  # pydicom and its decoders raise many types for a damaged stream
         facts["read_error"] = f"cannot decode pixel data ({_exception_text(exc)})"
-
-
-def _gather_facts(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
-    """Yield each job's facts in order from a process pool (inline for one worker), with a progress bar."""
-    progress = tqdm(total=len(jobs), desc="validate", unit="image", disable=None)
-    try:
-        if workers <= 1:
-            for job in jobs:
-                yield _image_facts(job)
-                progress.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for facts in pool.map(_image_facts, jobs, chunksize=2):
-                    yield facts
-                    progress.update()
-    finally:
-        progress.close()
 
 
 def read_manifest(manifest: Path) -> pd.DataFrame:
@@ -721,7 +703,7 @@ def run(config: ValidateConfig, inbreast: Path, manifest: Path, report_out: Path
                         f"{frame['dicom_path'].iloc[0]}): is --inbreast the folder ingest read?")
     workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
-    facts = pd.DataFrame(list(_gather_facts(jobs, min(workers, max(len(jobs), 1)))),
+    facts = pd.DataFrame(list(run_jobs(_image_facts, jobs, workers, "validate")),
                          columns=list(FACT_COLUMNS), index=frame.index)
     log.info("read %d DICOMs in %.1f s", len(jobs), time.perf_counter() - start)
     table = _checked_table(frame, facts)
