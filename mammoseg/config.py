@@ -255,6 +255,10 @@ def flag_type(annotation: Any) -> tuple[type, bool] | None:
     return None
 
 
+# Process counts: a negative one would only fail deep inside a process pool or DataLoader.
+_PROCESS_COUNTS = {"workers", "num_workers"}
+
+
 def stage_config(stage: str, params: dict[str, Any], overrides: dict[str, Any] | None = None,
                  params_path: Path | None = None) -> Any:
     """Build a stage's typed config from its params block and the flags that override it.
@@ -285,6 +289,9 @@ def stage_config(stage: str, params: dict[str, Any], overrides: dict[str, Any] |
     hints = field_types(config_type)
     for name, value in values.items():
         values[name] = _coerce(value, hints[name], f"{where}: {stage}.{name}")
+    for name in _PROCESS_COUNTS & names:
+        if values[name] < 0:
+            raise UserError(f"{where}: {stage}.{name} is {values[name]}; must be >= 0")
     return config_type(**values)
 
 

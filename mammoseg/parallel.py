@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -42,19 +43,28 @@ def _logger_levels() -> dict[str, int]:
     return levels
 
 
+def cpu_count() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or `taskset`'s limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def run_jobs(function: Callable[[Job], Result], jobs: Iterable[Job], workers: int, desc: str,
              unit: str = "image", initializer: Callable[[], None] | None = None) -> Iterator[Result]:
     """Yield `function(job)` for every job, in job order, with a progress bar.
 
-    Runs in this process when `workers` or the number of jobs is 1 or less (no start-up cost, and
-    a debugger sees the work), otherwise in a pool of `min(workers, jobs)` spawned processes. The
+    `workers` 0 means one per CPU core this process may use (`cpu_count`). Runs in this process
+    when `workers` or the number of jobs is 1 (no start-up cost, and a debugger sees the work),
+    otherwise in a pool of `min(workers, jobs)` spawned processes. The
     first error stops the run: jobs not yet started are cancelled and the error is raised here, as it
     is when the caller stops iterating early.
 
     Args:
         function: a module-level function of one job (both are pickled to reach a worker).
         jobs: the work items.
-        workers: processes to use; 1 or less = this process.
+        workers: processes to use; 0 = one per CPU core, 1 = this process.
         desc: the progress bar's label.
         unit: what one job is, for the progress bar.
         initializer: called once in each worker before its first job (not used inline).
@@ -62,8 +72,10 @@ def run_jobs(function: Callable[[Job], Result], jobs: Iterable[Job], workers: in
     Yields:
         The results, in the order of `jobs`.
     """
+    if workers < 0:
+        raise ValueError(f"workers {workers}: must be >= 0 (0 = one per CPU core)")
     jobs = list(jobs)
-    workers = min(workers, len(jobs))
+    workers = min(workers or cpu_count(), len(jobs))
     with tqdm(total=len(jobs), desc=desc, unit=unit, disable=None) as progress:
         if workers <= 1:
             for job in jobs:

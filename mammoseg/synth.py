@@ -44,7 +44,7 @@ from mammoseg import __version__
 from mammoseg.config import SynthConfig
 from mammoseg.errors import UserError
 from mammoseg.fileio import replace_folder
-from mammoseg.parallel import run_jobs
+from mammoseg.parallel import cpu_count, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -1185,13 +1185,6 @@ def _check_arguments(out_dir: Path, cases: int, seed: int, scale: float, workers
                             f"(no {MARKER_NAME}); choose another --out or empty it")
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def synthesize(out_dir: Path, cases: int, seed: int, scale: float, workers: int = 0) -> list[SynthImage]:
     """Write an INbreast-format dataset and return what was drawn (the ground truth for tests).
 
@@ -1230,7 +1223,7 @@ def synthesize(out_dir: Path, cases: int, seed: int, scale: float, workers: int 
         if workers == 0:
             # One per core, unless the whole job is smaller than starting the processes (~1 s).
             pixels = sum(task.rows * task.columns for task in tasks)
-            workers = _cpu_count() if pixels > _POOL_MIN_PIXELS else 1
+            workers = cpu_count() if pixels > _POOL_MIN_PIXELS else 1
         workers = min(workers, len(tasks))
         log.info("synth: %d patients, %d images at scale %g, %d worker(s) -> %s",
                  cases, len(tasks), scale, workers, out_dir)

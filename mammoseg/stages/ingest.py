@@ -300,9 +300,9 @@ def run(config: IngestConfig, inbreast: Path, manifest_out: Path, masks_out: Pat
     staging = staging_folder(masks_out)
     try:
         jobs, rejected = _plan(inbreast, config, staging)
-        workers = config.workers or os.cpu_count() or 1
         manifest_rows, unknown_names = [], set()
-        for job, (row, reason, unknown) in zip(jobs, run_jobs(_ingest_one, jobs, workers, "ingest"), strict=True):
+        results = run_jobs(_ingest_one, jobs, config.workers, "ingest")
+        for job, (row, reason, unknown) in zip(jobs, results, strict=True):
             unknown_names |= unknown
             if reason:
                 rejected.append({"file": str(job.dicom_path), "image_id": job.name.image_id,

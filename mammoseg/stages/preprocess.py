@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -383,8 +382,7 @@ def run(config: PreprocessConfig, inbreast: Path, manifest: Path, masks: Path, d
                      int(row.columns), tuple(mask_path(masks, str(row.image_id), c) for c in CLASSES),
                      tuple(int(getattr(row, MANIFEST_PX[c])) for c in CLASSES), params, staging)
                 for row in frame.sort_values("image_id").itertuples(index=False)]
-        workers = config.workers or os.cpu_count() or 1
-        by_id = {row["image_id"]: row for row in run_jobs(_preprocess_one, jobs, workers, "preprocess")}
+        by_id = {row["image_id"]: row for row in run_jobs(_preprocess_one, jobs, config.workers, "preprocess")}
         meta = frame.set_index("image_id")
         records = []
         for image_id, row in sorted(by_id.items()):

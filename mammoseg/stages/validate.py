@@ -29,7 +29,6 @@ import datetime
 import html
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -701,9 +700,8 @@ def run(config: ValidateConfig, inbreast: Path, manifest: Path, report_out: Path
     if jobs and not any(job.dicom_path.is_file() for job in jobs):
         raise UserError(f"{manifest}: none of its {len(jobs)} DICOMs is in {inbreast} (e.g. "
                         f"{frame['dicom_path'].iloc[0]}): is --inbreast the folder ingest read?")
-    workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
-    facts = pd.DataFrame(list(run_jobs(_image_facts, jobs, workers, "validate")),
+    facts = pd.DataFrame(list(run_jobs(_image_facts, jobs, config.workers, "validate")),
                          columns=list(FACT_COLUMNS), index=frame.index)
     log.info("read %d DICOMs in %.1f s", len(jobs), time.perf_counter() - start)
     table = _checked_table(frame, facts)

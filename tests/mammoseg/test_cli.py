@@ -38,6 +38,18 @@ def test_params_file_is_read_in_both_spellings(spelling, tmp_path, capsys):
     assert "default: 384" in capsys.readouterr().out
 
 
+
+def test_a_negative_worker_count_is_a_one_line_error(tmp_path, capsys):
+    custom = tmp_path / "params.yaml"
+    custom.write_text(re.sub(r"(?m)^  workers: \d+( .*)?$", "  workers: -1", (REPO_ROOT / "params.yaml").read_text(),
+                             count=1))
+    code = main(["--params", str(custom), "ingest", "--inbreast", str(tmp_path), "--manifest-out",
+                 str(tmp_path / "m" / "manifest.parquet"), "--masks-out", str(tmp_path / "masks")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{custom}: ingest.workers is -1; must be >= 0" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "masks").exists()
+
 # What only the pipeline's own command (pipelines/, the `pipeline` extra) may import.
 ORCHESTRATION = {"kfp", "kfp_server_api", "pipelines", "components"}
 

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from mammoseg.parallel import run_jobs
+from mammoseg import parallel
+from mammoseg.parallel import cpu_count, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,23 @@ def test_the_first_error_is_raised_and_stops_the_run(workers):
         for value in run_jobs(_fail_on_three, range(6), workers, "test"):
             seen.append(value)
     assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_zero_workers_means_one_per_core(monkeypatch, cores):
+    # The stages pass their `workers: 0` default straight through: the runner alone decides what
+    # 0 means, so the pool follows the cores this process may use.
+    monkeypatch.setattr(parallel, "cpu_count", lambda: cores)
+    pids = {pid for _, pid in run_jobs(_square_and_warn, range(6), 0, "test")}
+    assert (pids == {os.getpid()}) if cores == 1 else (os.getpid() not in pids and 1 <= len(pids) <= cores)
+
+
+def test_cpu_count_is_the_affinity_mask_not_the_machine():
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no affinity mask on this platform")
+    assert cpu_count() == len(os.sched_getaffinity(0))
+
+
+def test_negative_workers_are_refused():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        list(run_jobs(_square_and_warn, range(3), -1, "test"))
