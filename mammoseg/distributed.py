@@ -154,7 +154,10 @@ def start(device_name: str) -> Ranks:
 
 
 def stop(ranks: Ranks) -> None:
-    """Leave the process group once every rank is done (a no-op for one process)."""
+    """Leave the process group once every rank is done (a no-op for one process).
+
+    Free every DistributedDataParallel replica first (train's `_Trainer.release_replica` says why).
+    """
     if ranks.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

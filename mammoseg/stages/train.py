@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -517,6 +518,20 @@ class _Trainer:
             self.replica = DistributedDataParallel(
                 self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def release_replica(self) -> None:
+        """Drop the DDP replica; call it before the process group is destroyed (distributed.stop).
+
+        The replica's reducer holds the process group. Freed after destroy_process_group, it is the
+        group's last owner, and its destructor runs with the GIL held while it joins gloo's worker
+        threads. A worker that is still freeing a finished collective's tensors waits for that GIL:
+        rank 0 deadlocked at exit this way under torchrun on a 2-core CPU (CI hung in
+        test_distributed). Freed first, the reducer leaves the last reference to the process group
+        registry, whose destructor releases the GIL.
+        """
+        if self.replica is not self.trained:
+            self.replica = self.trained
+            gc.collect()  # frees the DDP module now even if it sits in a reference cycle
+
     @property
     def evaluated(self) -> torch.nn.Module:
         """The network validation, model selection and the saved model use."""
@@ -724,7 +739,7 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
     if not ranks.is_main:
         _train_loop(trainer, None)
         result = ranks.from_main(None)
-        distributed.stop(ranks)
+        _leave_the_ranks(trainer, ranks)
         return result
     if not resumed:
         _empty_folder(work)
@@ -738,8 +753,14 @@ def run(config: TrainConfig, dataset: Path, model_out: Path, metrics_out: Path,
         result = _finalize(trainer, mlflow_run, metrics_out)
     _publish(work, model_out)
     result = ranks.from_main(dataclasses.replace(result, model_path=model_out / MODEL_FILE))
-    distributed.stop(ranks)
+    _leave_the_ranks(trainer, ranks)
     return result
+
+
+def _leave_the_ranks(trainer: _Trainer, ranks: distributed.Ranks) -> None:
+    """Free the DDP replica, then leave the process group: in this order (`_Trainer.release_replica`)."""
+    trainer.release_replica()
+    distributed.stop(ranks)
 
 
 def _adopt_finished_training(trainer: _Trainer, model_out: Path) -> None:

@@ -21,8 +21,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import mlflow
@@ -82,8 +84,18 @@ def _train_flags(dataset: Path, model_out: Path, batch_size: int, experiment: st
 def _run(command: list[str]) -> None:
     # gloo stays on the loopback interface; one thread per rank keeps the two ranks off each other's core.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # Its own session, so that a timeout kills torchrun's ranks too: subprocess.run kills torchrun
+    # alone, and a rank left behind holds the pipes open, so the test waited on them for ever (a rank
+    # deadlocked at exit hung CI this way, see test_a_rank_frees_its_ddp_replica_before_leaving).
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"{Path(command[0]).name} still running after 600 s; stderr: {stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
 
 
 @pytest.mark.slow
@@ -240,6 +252,39 @@ def test_global_batch_norm_on_two_ranks_is_batch_norm_on_the_whole_batch(tmp_pat
                                rtol=1e-4, atol=1e-5)
     for r in ranks:
         torch.testing.assert_close(r["running_var"], layer.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _release_rank(rank: int, port: int, out: str, dataset: str) -> None:
+    """One rank: a real trainer with its DDP replica, leaving the ranks as train.run does."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    ranks = _ranks(rank, WORLD_SIZE)
+    work = Path(out) / f"work{rank}"
+    work.mkdir()
+    trainer = train._Trainer(stage_config_for("train", batch_size=RANK_BATCH, norm="group"), Path(dataset), work,
+                             ranks)
+    replica = weakref.ref(trainer.replica)
+    built = isinstance(trainer.replica, DistributedDataParallel)
+    train._leave_the_ranks(trainer, ranks)
+    facts = {"built": built, "freed": replica() is None, "steps_with_the_network": trainer.replica is trainer.trained,
+             "left": not torch.distributed.is_initialized()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(facts))
+
+
+@pytest.mark.slow
+def test_a_rank_frees_its_ddp_replica_before_leaving_the_process_group(prepared_data, tmp_path):
+    """The DDP replica is gone before distributed.stop destroys the process group.
+
+    Freed later, its reducer is the process group's last owner and destroys it with the GIL held
+    while gloo's threads may wait for that GIL: rank 0 of `torchrun ... mammoseg train` deadlocked
+    at exit this way. The race itself cannot be forced; that the replica is freed first can be checked.
+    """
+    torch.multiprocessing.spawn(_release_rank, args=(free_port(), str(tmp_path), str(prepared_data.dataset)),
+                                nprocs=WORLD_SIZE)
+    for rank in range(WORLD_SIZE):
+        facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert facts == {"built": True, "freed": True, "steps_with_the_network": True, "left": True}, (rank, facts)
 
 
 def _ranks(rank: int, world_size: int) -> distributed.Ranks:
