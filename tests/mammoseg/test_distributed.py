@@ -42,6 +42,8 @@ from tests.conftest import REPO_ROOT, TINY_TRAIN, free_port, stage_config_for
 
 RANK_BATCH = 4
 WORLD_SIZE = 2
+# A torchrun training takes 40-90 s on 2 cores; far beyond that, a rank is stuck and the test says so.
+TORCHRUN_TIMEOUT_S = 600
 # fp32 sums taken in another order: |g_ddp - g_single| / |g_single| per parameter tensor, and the
 # distance between the two runs' weights over the length of the step, per tensor. Measured (GroupNorm):
 # at most 8e-5 and 1.1e-4; with the per-rank Dice instead of the pooled one, 0.04 and 0.43.
@@ -86,15 +88,16 @@ def _run(command: list[str]) -> None:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     # Its own session, so that a timeout kills torchrun's ranks too: subprocess.run kills torchrun
     # alone, and a rank left behind holds the pipes open, so the test waited on them for ever (a rank
-    # deadlocked at exit hung CI this way, see test_a_rank_frees_its_ddp_replica_before_leaving).
+    # deadlocked at exit hung CI this way, see
+    # test_a_rank_frees_its_ddp_replica_before_leaving_the_process_group).
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:
         try:
-            _, stderr = process.communicate(timeout=600)
+            _, stderr = process.communicate(timeout=TORCHRUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             _, stderr = process.communicate()
-            pytest.fail(f"{Path(command[0]).name} still running after 600 s; stderr: {stderr[-4000:]}")
+            pytest.fail(f"{Path(command[0]).name} still running after {TORCHRUN_TIMEOUT_S} s; stderr: {stderr[-4000:]}")
     assert process.returncode == 0, stderr[-4000:]
 
 
