@@ -40,7 +40,7 @@ def set_param(params_text: str, dotted: str) -> str:
     """
     match = re.fullmatch(r"(\w+)\.(\w+)=(\S+)", dotted)
     if match is None:
-        raise ValueError(f"{dotted}: expected STAGE.KEY=VALUE")
+        raise ValueError("expected STAGE.KEY=VALUE")
     stage, key, value = match.groups()
     block = re.search(rf"^{stage}:\n((?:[ #].*\n|\n)*)", params_text, re.MULTILINE)
     if block is None:
@@ -105,6 +105,13 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
     if not args.table_only:
+        # Every variant checked before the first run: a typo found after an hour of main jobs costs that hour.
+        params_text = (REPO_ROOT / "params.yaml").read_text()
+        for variant in variants:
+            try:
+                set_param(params_text, variant)
+            except ValueError as exc:
+                raise SystemExit(f"--variant {variant}: {exc}") from None
         args.work.mkdir(parents=True, exist_ok=True)
         for variant in variants:
             if (args.work / variant).exists():
