@@ -652,6 +652,13 @@ def choose_threshold(
     for channel in np.flatnonzero(~present):
         log.warning("no %s in the validation ground truth; the threshold is chosen on the other class",
                     CLASS_NAMES[channel])
+    top = len(grid_array) - 1
+    for channel in np.flatnonzero(present):
+        # A maximum at the grid's end is censored: the Dice may still rise beyond it (the 2-core demo's
+        # mass probability saturates, and a grid ending at 0.98 chose 0.98 on every seed).
+        if top > 0 and _best_index(dice[:, channel]) == top:
+            log.warning("the %s threshold is the grid's highest, %g: its validation Dice may rise "
+                        "further above it; extend the grid", CLASS_NAMES[channel], grid_array[top])
     mean_dice = dice[:, present].mean(axis=1)
     best = _best_index(mean_dice)
     return ThresholdChoice(float(grid_array[best]), grid_array, dice, mean_dice, statistic)

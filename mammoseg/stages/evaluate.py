@@ -466,8 +466,8 @@ def markdown_summary(metrics: dict[str, Any]) -> str:
 
 def _threshold_text(threshold: Any) -> str:
     if isinstance(threshold, Iterable) and not isinstance(threshold, str):
-        return ", ".join(f"{name} {float(t):.2f}" for name, t in zip(CLASSES, threshold, strict=True))
-    return f"{float(threshold):.2f}"
+        return ", ".join(f"{name} {float(t):g}" for name, t in zip(CLASSES, threshold, strict=True))
+    return f"{float(threshold):g}"  # :g, not :.2f, which prints a threshold of 0.995 as 1.00
 
 
 def _json_default(value: Any) -> Any:

@@ -949,7 +949,7 @@ def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) ->
     mlflow_run.log_artifact(model_out / MODEL_FILE, "checkpoint")
     mlflow_run.log_artifact(model_out / HISTORY_FILE, "curves")
     log.info("best epoch %d, val Dice (EMA) %.3f; thresholds %s -> %s", trainer.best["epoch"],
-             trainer.best["val_dice"], ", ".join(f"{n} {t:.2f}" for n, t in zip(CLASSES, threshold, strict=True)),
+             trainer.best["val_dice"], ", ".join(f"{n} {t:g}" for n, t in zip(CLASSES, threshold, strict=True)),
              model_out / MODEL_FILE)
     return TrainResult(mlflow_run.run_id, trainer.best["epoch"], trainer.best["val_dice"], threshold,
                        model_out / MODEL_FILE, metrics_out)

@@ -298,6 +298,18 @@ def test_choose_threshold_maximises_the_statistic_it_is_told():
         choose_threshold(probabilities, masks, grid, statistic="median")
 
 
+def test_choose_threshold_warns_when_a_class_peaks_at_the_grids_top(caplog):
+    """A maximum at the grid's end is censored: the operator is told to extend the grid, per class."""
+    probabilities, masks = _separable_case(seed=0)   # lesions above 0.62, background below 0.58
+    choice = choose_threshold(probabilities, masks, [0.2, 0.4])
+    assert choice.per_class == (0.4, 0.4)
+    assert "mass threshold is the grid's highest, 0.4" in caplog.text
+    assert "calcification threshold is the grid's highest, 0.4" in caplog.text
+    caplog.clear()
+    choice = choose_threshold(probabilities, masks, [0.2, 0.4, 0.6, 0.8])
+    assert choice.per_class == (0.6, 0.6) and "grid's highest" not in caplog.text
+
+
 def test_choose_threshold_without_a_class_uses_the_other(caplog):
     probabilities, masks = _separable_case(seed=0)
     for mask in masks:
