@@ -99,6 +99,7 @@ class TrainConfig:
     bce_pos_weight: float
     foreground_prior: float
     mass_image_share: float
+    mass_image_share_end: float
     patch_size: int
     patch_lesion_prob: float
     deep_supervision: int
@@ -120,6 +121,7 @@ class TrainConfig:
     seed: int
     deterministic: bool
     threshold_grid: list[float]
+    threshold_tolerance: float
     overlay_every: int
     overlay_images: int
     log_system_metrics: bool

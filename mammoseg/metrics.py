@@ -526,9 +526,13 @@ def _counts_at_thresholds(values: np.ndarray, masks: np.ndarray, grid: np.ndarra
     return at_least[:, 0], at_least[:, 1:], sizes
 
 
-def _best_index(scores: np.ndarray) -> int:
-    """Index of the highest score, NaN ignored, the lowest threshold on ties."""
-    return int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
+def _best_index(scores: np.ndarray, tolerance: float = 0.0) -> int:
+    """Index of the lowest threshold whose score is within `tolerance` of the highest, NaN ignored.
+
+    tolerance 0 is the highest score itself (the lowest threshold on ties).
+    """
+    filled = np.where(np.isnan(scores), -np.inf, scores)
+    return int(np.argmax(filled >= filled.max() - tolerance))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # array fields: identity equality
@@ -542,6 +546,8 @@ class ThresholdChoice:
             undefined).
         mean_dice: (K,) mean of the two classes' Dice (over classes present in the ground truth).
         statistic: "mean_image" (mean of per-image Dice) or "pooled".
+        tolerance: a threshold is chosen as the lowest whose Dice is within this of the curve's
+            highest (choose_threshold).
     """
 
     threshold: float
@@ -549,6 +555,7 @@ class ThresholdChoice:
     dice: np.ndarray
     mean_dice: np.ndarray
     statistic: str = "mean_image"
+    tolerance: float = 0.0
 
     @property
     def best_dice(self) -> float:
@@ -565,13 +572,15 @@ class ThresholdChoice:
         out = []
         for channel in range(self.dice.shape[1]):
             column = self.dice[:, channel]
-            out.append(self.threshold if np.isnan(column).all() else float(self.grid[_best_index(column)]))
+            out.append(self.threshold if np.isnan(column).all()
+                       else float(self.grid[_best_index(column, self.tolerance)]))
         return tuple(out)
 
     @property
     def per_class_dice(self) -> tuple[float, ...]:
         """Each class's validation Dice at its own threshold (NaN for an absent class)."""
-        return tuple(float(np.nanmax(c)) if not np.isnan(c).all() else math.nan for c in self.dice.T)
+        return tuple(float(c[_best_index(c, self.tolerance)]) if not np.isnan(c).all() else math.nan
+                     for c in self.dice.T)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (lists; NaN is written as None)."""
@@ -588,8 +597,15 @@ class ThresholdChoice:
 def choose_threshold(
     probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], grid: Sequence[float],
     statistic: Literal["mean_image", "pooled"] = "mean_image",
+    tolerance: float = 0.0,
 ) -> ThresholdChoice:
     """Choose the probability threshold that maximises the validation Dice, per class and shared.
+
+    With a tolerance, the lowest threshold whose Dice is within it of the maximum: with a few dozen
+    validation images the curve's top is flat within noise (the 2-core demo's mass curve varied by
+    0.01 between 0.95 and 0.999), and its highest point there is chance; the lowest threshold on that
+    plateau keeps more of each true lesion and puts the decision where the sigmoid is steep, so a
+    small logit error (bf16, int8) moves fewer pixels.
 
     `statistic` is the Dice that is maximised: "mean_image" (the mean over images of each image's
     Dice, images empty in both truth and prediction left out: the headline evaluate reports and the
@@ -605,6 +621,8 @@ def choose_threshold(
         masks: per image, (2, H, W) bool ground truth, same order.
         grid: candidate thresholds, strictly increasing.
         statistic: "mean_image" or "pooled".
+        tolerance: how far below the maximum Dice a lower threshold may score and still be chosen;
+            0 chooses the maximum.
 
     Returns:
         The chosen threshold and the per-threshold curves; ties go to the lowest threshold.
@@ -656,12 +674,12 @@ def choose_threshold(
     for channel in np.flatnonzero(present):
         # A maximum at the grid's end is censored: the Dice may still rise beyond it (the 2-core demo's
         # mass probability saturates, and a grid ending at 0.98 chose 0.98 on every seed).
-        if top > 0 and _best_index(dice[:, channel]) == top:
+        if top > 0 and _best_index(dice[:, channel], tolerance) == top:
             log.warning("the %s threshold is the grid's highest, %g: its validation Dice may rise "
                         "further above it; extend the grid", CLASS_NAMES[channel], grid_array[top])
     mean_dice = dice[:, present].mean(axis=1)
-    best = _best_index(mean_dice)
-    return ThresholdChoice(float(grid_array[best]), grid_array, dice, mean_dice, statistic)
+    best = _best_index(mean_dice, tolerance)
+    return ThresholdChoice(float(grid_array[best]), grid_array, dice, mean_dice, statistic, tolerance)
 
 
 # ----------------------------------------------------------------------------------------- baseline

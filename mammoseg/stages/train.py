@@ -287,6 +287,17 @@ def sampling_weights(rows: pd.DataFrame, mass_image_share: float) -> np.ndarray 
     return weights / weights.sum()
 
 
+def mass_image_share(config: TrainConfig, epoch: int) -> float:
+    """Return the share of mass images among the draws of epoch `epoch` (0-based).
+
+    Linear from train.mass_image_share at the first epoch to train.mass_image_share_end at the last:
+    the early epochs show the few mass images often enough for the network to learn what a mass is,
+    the late ones show the lesion-free tissue that it must not call one.
+    """
+    progress = epoch / max(config.epochs - 1, 1)
+    return config.mass_image_share + (config.mass_image_share_end - config.mass_image_share) * min(progress, 1.0)
+
+
 class EpochDraws(Sampler[tuple[int, int]]):
     """One epoch's training draws, this rank's share: (image index, position in the epoch's draws).
 
@@ -443,7 +454,7 @@ class _Trainer:
         self.device = self.ranks.device
         # bf16 autocast on CPUs with native bf16 units too (AMX: ~1.4x per step at 256 px).
         self.amp = config.amp and (self.device.type == "cuda" or cpu_supports_bf16())
-        for name in ("mass_image_share", "weight_ema", "selection_ema"):
+        for name in ("mass_image_share", "mass_image_share_end", "weight_ema", "selection_ema"):
             _require(config, name, lambda v: 0 <= v < 1, "be in [0, 1)")
         _require(config, "validate_every", lambda v: v >= 1, "be at least 1")
         _seed_everything(config.seed, config.deterministic)
@@ -602,7 +613,7 @@ class _Trainer:
                   "pin_memory": self.device.type == "cuda"}
         if shuffle_seed is None:
             return DataLoader(dataset, shuffle=False, drop_last=False, **common)
-        weights = sampling_weights(rows, self.config.mass_image_share)
+        weights = sampling_weights(rows, mass_image_share(self.config, self.epoch))
         if self.ranks.distributed:
             draws = EpochDraws(len(rows), weights, shuffle_seed, self.config.batch_size, self.ranks)
             return DataLoader(_Drawn(dataset), sampler=draws, drop_last=False, **common)
@@ -927,7 +938,8 @@ def _finalize(trainer: _Trainer, mlflow_run: tracking.Run, metrics_out: Path) ->
     examples = load_examples(trainer.dataset_dir, val_rows)
     probabilities = list(predict_probabilities(trainer.network, [image for image, _ in examples], trainer.device,
                                                config.batch_size, trainer.amp, config.channels_last))
-    choice = choose_threshold(probabilities, [mask for _, mask in examples], config.threshold_grid)
+    choice = choose_threshold(probabilities, [mask for _, mask in examples], config.threshold_grid,
+                              tolerance=config.threshold_tolerance)
     threshold = choice.per_class
     save_model(model_out / MODEL_FILE, trainer.network, trainer.architecture, threshold, trainer.contract)
     history = pd.DataFrame(trainer.history)

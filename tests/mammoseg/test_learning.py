@@ -85,6 +85,14 @@ def test_mass_oversampling_gives_mass_images_their_share():
     assert train.sampling_weights(pd.DataFrame({"mass_px": [0, 0]}), 0.5) is None
 
 
+def test_the_mass_image_share_moves_linearly_from_its_start_to_its_end():
+    config = stage_config_for("train", epochs=5, mass_image_share=0.9, mass_image_share_end=0.5)
+    shares = [train.mass_image_share(config, epoch) for epoch in range(5)]
+    assert shares == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5])
+    constant = stage_config_for("train", epochs=1, mass_image_share=0.5, mass_image_share_end=0.5)
+    assert train.mass_image_share(constant, 0) == 0.5
+
+
 def test_lesion_patches_hold_their_lesion_and_stay_inside():
     import torch
 

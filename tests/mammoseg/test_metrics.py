@@ -310,6 +310,24 @@ def test_choose_threshold_warns_when_a_class_peaks_at_the_grids_top(caplog):
     assert choice.per_class == (0.6, 0.6) and "grid's highest" not in caplog.text
 
 
+def test_choose_threshold_takes_the_lowest_threshold_within_the_tolerance_of_the_best():
+    """A flat top is noise: the lowest threshold on it is chosen, its own Dice reported."""
+    # One image, a 4-px lesion (mass and calcification alike) at probability 0.7 and one false pixel at
+    # 0.55: threshold 0.5 scores 8/9, 0.6 scores 1; with tolerance 0.2 the lower one is chosen.
+    probabilities, masks = np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool)
+    masks[:, :2, :2] = True
+    probabilities[:, :2, :2] = 0.7
+    probabilities[:, 3, 3] = 0.55
+    grid = [0.5, 0.6, 0.8]
+    best = choose_threshold([probabilities], [masks], grid)
+    assert best.per_class == (0.6, 0.6) and best.per_class_dice == (1.0, 1.0) and best.threshold == 0.6
+    tolerant = choose_threshold([probabilities], [masks], grid, tolerance=0.2)
+    assert tolerant.per_class == (0.5, 0.5) and tolerant.threshold == 0.5
+    assert tolerant.per_class_dice == pytest.approx((8 / 9, 8 / 9))
+    # Within no tolerance of the best, nothing lower is taken: 8/9 is 0.11 below 1.
+    assert choose_threshold([probabilities], [masks], grid, tolerance=0.1).per_class == (0.6, 0.6)
+
+
 def test_choose_threshold_without_a_class_uses_the_other(caplog):
     probabilities, masks = _separable_case(seed=0)
     for mask in masks:

@@ -172,6 +172,7 @@ def test_validation_every_few_epochs_and_after_the_last(prepared_data, tracking_
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("validate_every", 0, r"train\.validate_every must be at least 1, got 0"),
     ("mass_image_share", 1.0, r"train\.mass_image_share must be in \[0, 1\), got 1\.0"),
+    ("mass_image_share_end", -0.5, r"train\.mass_image_share_end must be in \[0, 1\), got -0\.5"),
     ("weight_ema", -0.1, r"train\.weight_ema must be in \[0, 1\), got -0\.1"),
     ("selection_ema", 1.5, r"train\.selection_ema must be in \[0, 1\), got 1\.5"),
     ("deep_supervision", 7, r"train\.deep_supervision must be in \[0, 6\], got 7"),
