@@ -222,6 +222,20 @@ def test_patch_size_must_fit_the_network_and_clips_to_the_image(prepared_data, t
     assert trainer.patch_size == 0
 
 
+def test_each_epochs_training_draws_follow_the_mass_image_share_schedule(prepared_data, tmp_path):
+    config = stage_config_for("train", **{**TINY_TRAIN, "epochs": 3, "mass_image_share": 0.9,
+                                          "mass_image_share_end": 0.5})
+    trainer = train._Trainer(config, prepared_data.dataset, tmp_path / "model")
+    holds_mass = torch.as_tensor((trainer.splits["train"]["mass_px"] > 0).to_numpy())
+    assert 0 < holds_mass.sum() < len(holds_mass)
+    shares = []
+    for epoch in range(3):
+        trainer.epoch = epoch
+        weights = trainer._loader("train", shuffle_seed=epoch).sampler.weights
+        shares.append(float(weights[holds_mass].sum() / weights.sum()))
+    assert shares == pytest.approx([0.9, 0.7, 0.5])
+
+
 def test_resume_flag_needs_a_checkpoint(prepared_data, tmp_path):
     config = stage_config_for("train", **{**TINY_TRAIN, "resume": True})
     with pytest.raises(UserError, match="no checkpoint to resume from"):
