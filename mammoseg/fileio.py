@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from mammoseg.errors import UserError
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -18,13 +21,39 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     Args:
         path: the file to (re)write.
         write: called with the temporary path; must write the whole file there.
+
+    Raises:
+        UserError: the disk is full (the file is named; an existing file at path is kept).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # A full disk is the user's to fix, and says so in one line naming the file; torch.save reports
+        # it as a RuntimeError from its C++ writer ("iostream error"), so the free space decides there.
+        if _out_of_space(exc, path.parent):
+            raise UserError(f"{path}: no space left on its device ({shutil.disk_usage(path.parent).free >> 20} "
+                            "MiB free); the previous file, if any, is unchanged") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Below this, a write that failed without saying why (torch's C++ writer) is taken for a full disk.
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or an unspecific error on a nearly full disk."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, OSError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def sha256_of(path: Path) -> str:

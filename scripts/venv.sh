@@ -38,8 +38,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     [ -z "$torch_index" ] || index_args=(--index-url "$torch_index")
     if [ "$torch_build" = cpu ]; then
         "${install[@]}" --quiet --no-deps "${index_args[@]}" "$torch_req" || {
-            echo "venv.sh: no $torch_req here; set MAMMOSEG_TORCH_INDEX to an index of CPU wheels" \
-                "(PyTorch's: https://download.pytorch.org/whl/cpu)" >&2; exit 1; }
+            echo "venv.sh: pip could not install $torch_req (its error is above: a full disk, or no such" \
+                "wheel on this index, for which set MAMMOSEG_TORCH_INDEX to an index of CPU wheels," \
+                "PyTorch's: https://download.pytorch.org/whl/cpu)" >&2; exit 1; }
     else
         # The CUDA build's own requirements (nvidia-*, triton) from the index, the rest at the lock's pins.
         "$venv/bin/python" "$repo_root/scripts/envlock.py" pins > "$venv/requirements.pins"
