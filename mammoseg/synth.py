@@ -1004,6 +1004,30 @@ def _place(rng: np.random.Generator, anatomy: _Anatomy, min_depth_mm: float, tas
     return float(np.clip(x, 0, task.columns - 1)), float(np.clip(y, 0, task.rows - 1))
 
 
+# At most this share of an edge mass's outline points lies past the chest-wall edge (real INbreast: a
+# few points on 5 images; validate.max_out_of_bounds_share fails an image at 0.5).
+_MAX_PAST_EDGE_SHARE = 0.4
+
+
+def _inward_shift_to_cap_past_edge(xs: np.ndarray, columns: int, laterality: str) -> float:
+    """Return the smallest x shift towards the image that leaves at most _MAX_PAST_EDGE_SHARE of xs outside.
+
+    Args:
+        xs: (n,) the outline's x coordinates (full-resolution pixels).
+        columns: the image's width; x < 0 or x > columns - 1 is outside.
+        laterality: "L" (chest wall at x = 0) or "R" (at x = columns - 1).
+
+    Returns:
+        0.0 when the outline is already within the cap, else the shift (positive for L, negative for R).
+    """
+    past = -xs if laterality == "L" else xs - (columns - 1)  # > 0 outside
+    allowed = int(_MAX_PAST_EDGE_SHARE * xs.size)
+    deepest_kept_inside = np.sort(past)[::-1][allowed]  # the (allowed+1)-th farthest point must come inside
+    if deepest_kept_inside <= 0:
+        return 0.0
+    return float(deepest_kept_inside) if laterality == "L" else -float(deepest_kept_inside)
+
+
 def _draw_mass_on(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatomy, task: _ImageTask,
                   spec: _MassSpec) -> list[SynthRoi]:
     """Render one mass (and spicules); return its Mass outline and optional region oval."""
@@ -1034,6 +1058,16 @@ def _draw_mass_on(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatomy
             direction = -1.0 if task.laterality == "L" else 1.0
             cx += direction * shift
             outline[:, 0] += direction * shift
+        # ... but most of it inside: validate rejects an image whose ROI points lie mostly outside
+        # (a coordinate mix-up on real data), and a lobulated outline or the shift above could
+        # otherwise put half of them past the edge.
+        inward = _inward_shift_to_cap_past_edge(outline[:, 0], task.columns, task.laterality)
+        cx += inward
+        outline[:, 0] += inward
+        # Only the chest wall is crossed: a mass on the top or bottom edge moves to within the rows.
+        down = max(0.0, -float(outline[:, 1].min())) - max(0.0, float(outline[:, 1].max()) - (task.rows - 1))
+        cy += down
+        outline[:, 1] += down
     edge_mm = {"round": (0.15, 0.35), "oval": (0.15, 0.35), "lobulated": (0.3, 0.6),
                "spiculated": (0.8, 1.5)}[spec.shape]
     contrast = rng.uniform(200.0, 380.0)

@@ -468,3 +468,22 @@ def test_polygon_pixels_match_skimage():
         expected = set(zip(*skimage.draw.polygon(ys, xs, shape=(30, 40)), strict=True))
         got = set(zip(*synth.polygon_pixels(xs, ys, (30, 40)), strict=True))
         assert got == expected
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_an_edge_mass_keeps_most_of_its_outline_inside_the_image(laterality):
+    # A round outline centred just past the chest-wall edge: 55 % of its points outside, as the
+    # 80-patient seed-0 dataset once drew (validate fails an image at 50 %).
+    columns, radius = 1000, 100.0
+    angles = np.linspace(0, 2 * np.pi, 200, endpoint=False)
+    centre = -0.15 * radius if laterality == "L" else columns - 1 + 0.15 * radius
+    xs = centre + radius * np.cos(angles)
+
+    def past(x):
+        return (x < 0) if laterality == "L" else (x > columns - 1)
+
+    assert past(xs).mean() > 0.5
+    shifted = xs + synth._inward_shift_to_cap_past_edge(xs, columns, laterality)
+    assert past(shifted).mean() <= synth._MAX_PAST_EDGE_SHARE
+    assert past(shifted).mean() >= synth._MAX_PAST_EDGE_SHARE - 0.01  # the smallest shift: still crossing
+    assert synth._inward_shift_to_cap_past_edge(shifted, columns, laterality) == 0.0
