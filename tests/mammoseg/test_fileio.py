@@ -48,7 +48,10 @@ def test_other_write_errors_are_not_reported_as_a_full_disk(tmp_path: Path) -> N
     def bug(tmp: Path) -> None:
         raise RuntimeError("a bug, not the disk")
 
+    def denied(tmp: Path) -> None:
+        raise PermissionError(errno.EACCES, "denied")
+
     with pytest.raises(RuntimeError, match="a bug"):
         write_atomically(tmp_path / "x.bin", bug)
     with pytest.raises(PermissionError):
-        write_atomically(tmp_path / "y.bin", lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+        write_atomically(tmp_path / "y.bin", denied)
