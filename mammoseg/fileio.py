@@ -32,9 +32,11 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     except (OSError, RuntimeError) as exc:
         # A full disk is the user's to fix, and says so in one line naming the file; torch.save reports
         # it as a RuntimeError from its C++ writer ("iostream error"), so the free space decides there.
-        if _out_of_space(exc, path.parent):
-            raise UserError(f"{path}: no space left on its device ({shutil.disk_usage(path.parent).free >> 20} "
-                            "MiB free); the previous file, if any, is unchanged") from None
+        free = _free_bytes(path.parent)
+        if _out_of_space(exc, free):
+            left = "" if free is None else f" ({free >> 20} MiB free)"
+            raise UserError(f"{path}: no space left on its device{left}; the previous file, if any, "
+                            "is unchanged") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,16 +46,19 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 _NEARLY_FULL_BYTES = 64 << 20
 
 
-def _out_of_space(exc: BaseException, folder: Path) -> bool:
-    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or an unspecific error on a nearly full disk."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(exc, OSError):
-        return False
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on folder's filesystem, or None when that cannot be read."""
     try:
-        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+        return shutil.disk_usage(folder).free
     except OSError:
-        return False
+        return None
+
+
+def _out_of_space(exc: BaseException, free: int | None) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or an unspecific error on a nearly full disk."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return free is not None and free < _NEARLY_FULL_BYTES
 
 
 def sha256_of(path: Path) -> str:

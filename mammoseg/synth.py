@@ -1009,6 +1009,25 @@ def _place(rng: np.random.Generator, anatomy: _Anatomy, min_depth_mm: float, tas
 _MAX_PAST_EDGE_SHARE = 0.4
 
 
+def _outward(laterality: str) -> float:
+    """The x direction out of the image through the chest wall: -1 for L (wall at x = 0), +1 for R."""
+    return -1.0 if laterality == "L" else 1.0
+
+
+def _past_chest_wall(xs: np.ndarray, columns: int, laterality: str) -> np.ndarray:
+    """Return how far each x lies past the chest-wall edge (> 0 outside the image, <= 0 inside).
+
+    Args:
+        xs: (n,) x coordinates (full-resolution pixels).
+        columns: the image's width; the wall is x = 0 for L, x = columns - 1 for R.
+        laterality: "L" or "R".
+
+    Returns:
+        (n,) signed distances in pixels.
+    """
+    return -xs if laterality == "L" else xs - (columns - 1)
+
+
 def _inward_shift_to_cap_past_edge(xs: np.ndarray, columns: int, laterality: str) -> float:
     """Return the smallest x shift towards the image that leaves at most _MAX_PAST_EDGE_SHARE of xs outside.
 
@@ -1020,12 +1039,12 @@ def _inward_shift_to_cap_past_edge(xs: np.ndarray, columns: int, laterality: str
     Returns:
         0.0 when the outline is already within the cap, else the shift (positive for L, negative for R).
     """
-    past = -xs if laterality == "L" else xs - (columns - 1)  # > 0 outside
     allowed = int(_MAX_PAST_EDGE_SHARE * xs.size)
-    deepest_kept_inside = np.sort(past)[::-1][allowed]  # the (allowed+1)-th farthest point must come inside
+    # The (allowed+1)-th farthest point must come inside.
+    deepest_kept_inside = np.sort(_past_chest_wall(xs, columns, laterality))[::-1][allowed]
     if deepest_kept_inside <= 0:
         return 0.0
-    return float(deepest_kept_inside) if laterality == "L" else -float(deepest_kept_inside)
+    return -_outward(laterality) * float(deepest_kept_inside)
 
 
 def _draw_mass_on(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatomy, task: _ImageTask,
@@ -1052,12 +1071,11 @@ def _draw_mass_on(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatomy
     outline = _outline_points(rng, cx, cy, contour, n_points, rng.uniform(1.0, 1.08),
                               min(0.6 / px_mm, radius_px * 0.05))
     if spec.at_edge:
-        past = -outline[:, 0].min() if task.laterality == "L" else outline[:, 0].max() - (task.columns - 1)
+        past = _past_chest_wall(outline[:, 0], task.columns, task.laterality).max()
         if past <= 1.0:  # guarantee the crossing whatever the contour's shape
-            shift = (1.0 - past) + 0.1 * radius_px
-            direction = -1.0 if task.laterality == "L" else 1.0
-            cx += direction * shift
-            outline[:, 0] += direction * shift
+            shift = _outward(task.laterality) * ((1.0 - past) + 0.1 * radius_px)
+            cx += shift
+            outline[:, 0] += shift
         # ... but most of it inside: validate rejects an image whose ROI points lie mostly outside
         # (a coordinate mix-up on real data), and a lobulated outline or the shift above could
         # otherwise put half of them past the edge.
