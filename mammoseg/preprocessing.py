@@ -432,6 +432,37 @@ def to_original_grid(mask_target: np.ndarray, transform: Transform) -> np.ndarra
     return out
 
 
+def target_index_on_original_grid(transform: Transform) -> tuple[np.ndarray, np.ndarray] | None:
+    """Say which target pixel gives each original pixel its value in `to_original_grid`, axis by axis.
+
+    The mapping is separable: original pixel (r, c) takes target pixel (row_index[r], column_index[c]).
+    With it, counts on the DICOM grid (a mask's area, its overlap with a native mask) become sums over
+    the target grid weighted by how many original pixels each target pixel stands for, without mapping
+    every mask back (evaluate and export score many masks per image).
+
+    Args:
+        transform: the image's geometry.
+
+    Returns:
+        (rows,) and (columns,) int64 target row / column of each original row / column, -1 outside the
+        crop box (the flip undone as `to_original_grid` undoes it); None when the crop is upsampled along
+        an axis (an original pixel then takes the maximum of several target pixels, not one's value).
+    """
+    t = transform
+    crop_rows, crop_columns = t.crop_shape
+    if t.content_rows > crop_rows or t.content_columns > crop_columns:
+        return None
+    row_index = np.full(t.rows, -1, np.int64)
+    row_index[t.crop_r0 : t.crop_r1] = _targets(crop_rows, t.content_rows)
+    column_index = np.full(t.columns, -1, np.int64)
+    crop_columns_index = _targets(crop_columns, t.content_columns)
+    if t.flip:  # as in to_original_grid: the crop lands mirrored
+        column_index[t.columns - t.crop_c1 : t.columns - t.crop_c0] = crop_columns_index[::-1]
+    else:
+        column_index[t.crop_c0 : t.crop_c1] = crop_columns_index
+    return row_index, column_index
+
+
 def masks_on_dicom_grid(probabilities: np.ndarray, transform: Transform,
                         threshold: float | Sequence[float] | np.ndarray) -> np.ndarray:
     """Turn the network's probabilities into masks on the DICOM's own grid: what predict delivers.

@@ -8,10 +8,13 @@ import math
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from mammoseg.data import read_native_masks
-from mammoseg.preprocessing import Transform, to_original_grid
+from mammoseg.metrics import dice_counts
+from mammoseg.preprocessing import Transform, target_index_on_original_grid, to_original_grid
+from mammoseg.stages.evaluate import NativeCounter
 from mammoseg.tracking import read_run_id
 
 TARGETS = ("mass", "calcification", "all")
@@ -75,3 +78,26 @@ def test_ceiling_is_the_round_trip_of_the_ground_truth(trained_model, prepared_d
         if truth[1].any():
             dice = 2 * (back & truth[1]).sum() / (back.sum() + truth[1].sum())
             assert abs(dice - record.ceiling_native_calcification) < 1e-9
+
+
+@pytest.mark.parametrize("transform", [
+    Transform(300, 220, False, 10, 290, 5, 200, 128, 128, 89),    # downsampled, crop inside the image
+    Transform(300, 220, True, 0, 300, 20, 220, 128, 128, 85),     # flipped
+    Transform(90, 70, False, 5, 85, 0, 70, 128, 128, 112),        # upsampled: the mapped-back path
+    Transform(200, 150, True, 30, 200, 10, 140, 128, 100, 76),    # content smaller than the canvas
+])
+def test_native_counter_counts_what_predict_delivers(transform):
+    """NativeCounter's sums over the network grid equal Dice counts of the mask mapped back by predict's code."""
+    rng = np.random.default_rng(0)
+    shape = (transform.rows, transform.columns)
+    below_top = (np.arange(transform.rows) >= transform.rows // 3)[:, None]  # lesions start below row 0
+    truth = {"mass": (rng.random(shape) < 0.2) & below_top, "calcification": rng.random(shape) < 0.01}
+    truth["all"] = truth["mass"] | truth["calcification"]
+    counter = NativeCounter(transform, truth)
+    upsampled = transform.content_rows > transform.crop_shape[0] or transform.content_columns > transform.crop_shape[1]
+    assert (target_index_on_original_grid(transform) is None) == upsampled  # the sums, not the fallback, are tested
+    for density in (0.0, 0.05, 0.5, 1.0):
+        predicted = {target: rng.random((transform.size, transform.size)) < density for target in truth}
+        counts = counter.counts(predicted)
+        for target, mask in predicted.items():
+            assert counts[target] == dice_counts(to_original_grid(mask, transform), truth[target]), (target, density)
