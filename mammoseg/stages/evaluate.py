@@ -206,6 +206,7 @@ def score_native_many(dataset: Path, rows: pd.DataFrame, models: Mapping[str, Pr
         name -> native Dice counts per target and the patient of each image.
     """
     scores = {name: NativeScores.empty() for name in models}
+    limit = np.asarray(threshold, np.float32).reshape(-1, 1, 1)  # one threshold, or one per class
     records = list(rows.itertuples(index=False))
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch", disable=None):
         batch = records[start:start + batch_size]
@@ -214,7 +215,7 @@ def score_native_many(dataset: Path, rows: pd.DataFrame, models: Mapping[str, Pr
                     for row in batch]
         for name, probabilities in models.items():
             for row, counter, probability in zip(batch, counters, probabilities(images), strict=True):
-                counts = counter.counts(by_target(probability >= threshold_map(threshold)))
+                counts = counter.counts(by_target(probability >= limit))
                 for target in TARGETS:
                     scores[name].counts[target].append(counts[target])
                 scores[name].patients.append(str(row.patient_id))

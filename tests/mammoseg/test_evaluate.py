@@ -14,7 +14,7 @@ from PIL import Image
 from mammoseg.data import read_native_masks
 from mammoseg.metrics import dice_counts
 from mammoseg.preprocessing import Transform, target_index_on_original_grid, to_original_grid
-from mammoseg.stages.evaluate import NativeCounter
+from mammoseg.stages.evaluate import NativeCounter, score_native
 from mammoseg.tracking import read_run_id
 
 TARGETS = ("mass", "calcification", "all")
@@ -101,3 +101,17 @@ def test_native_counter_counts_what_predict_delivers(transform):
         counts = counter.counts(predicted)
         for target, mask in predicted.items():
             assert counts[target] == dice_counts(to_original_grid(mask, transform), truth[target]), (target, density)
+
+
+def test_score_native_takes_one_threshold_or_one_per_class(prepared_data):
+    rows = pd.read_parquet(prepared_data.dataset / "index.parquet").query("split == 'test'").head(2)
+
+    def constant(images: np.ndarray) -> np.ndarray:  # every pixel 0.6 in both classes
+        return np.full((len(images), 2, *images.shape[-2:]), 0.6, np.float32)
+
+    one = score_native(prepared_data.dataset, rows, constant, 0.5, batch_size=1)
+    per_class = score_native(prepared_data.dataset, rows, constant, np.array([0.5, 0.5]), batch_size=1)
+    assert one.counts == per_class.counts and one.counts["mass"][0].pred_sum > 0
+    split = score_native(prepared_data.dataset, rows, constant, np.array([0.5, 0.7]), batch_size=1)
+    assert split.counts["mass"] == one.counts["mass"]
+    assert all(c.pred_sum == 0 for c in split.counts["calcification"])
